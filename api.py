@@ -1,0 +1,122 @@
+"""The Python API: `optimize` a model into an artifact, `load` an artifact to generate, score or benchmark.
+
+    art = onnxlm.optimize("smollm2-135m", recipe="fp32", output="out/fp32")
+    for piece in art.generate("Write a haiku about the sea", max_new_tokens=64, stream=True): print(piece, end="")
+    onnxlm.load("out/fp32").perplexity("some.txt")
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from onnxlm.errors import OnnxlmError
+
+Progress = Callable[[str], None]
+
+
+def optimize(
+    model: str = "smollm2-135m",
+    recipe: str = "fp32",
+    output: str | Path = "out/fp32",
+    ep: str = "cpu",
+    progress: Progress | None = None,
+) -> Artifact:
+    """Load `model`, export it, run the recipe's passes, lower for `ep`, and write the artifact to `output`."""
+    from onnxlm.artifact import check_output_dir, write_artifact
+    from onnxlm.backends import get_backend
+    from onnxlm.passes.base import PassContext
+    from onnxlm.passes.manager import run_pipeline
+    from onnxlm.passes.recipe import load_recipe
+
+    say = progress or (lambda _msg: None)
+    output = Path(output)
+    # Everything that can be checked cheaply is checked before the slow work starts.
+    check_output_dir(output)
+    the_recipe = load_recipe(recipe)
+    backend = get_backend(ep)
+
+    say(f"loading {model}")
+    from onnxlm.frontend import load_source
+    from onnxlm.frontend.export import export_decoder
+
+    source = load_source(model)
+    if source.kind == "onnx":
+        graph = source.onnx_model
+    else:
+        say("exporting to ONNX (torch.onnx, dynamo)")
+        graph = export_decoder(source.torch_model, source.info)
+        source.torch_model = None  # free the torch weights before the passes run
+    with tempfile.TemporaryDirectory(prefix="onnxlm-") as scratch:
+        ctx = PassContext(info=source.info, source=source.describe(), scratch=Path(scratch))
+        reports = run_pipeline(graph, the_recipe, ctx, on_pass=lambda name: say(f"pass {name}"))
+        backend.lower(graph)
+        say(f"writing {output}")
+        write_artifact(output, graph, source, the_recipe, reports)
+    return load(output)
+
+
+def load(directory: str | Path, threads: int | None = None, ep: str = "cpu") -> Artifact:
+    return Artifact(Path(directory), threads=threads, ep=ep)
+
+
+class Artifact:
+    """A written artifact, loaded for decoding: generate, perplexity, bench."""
+
+    def __init__(self, directory: Path, threads: int | None = None, ep: str = "cpu"):
+        from onnxlm.runtime.session import DecoderSession
+        from onnxlm.runtime.tokenizer import TextTokenizer
+
+        self.directory = directory
+        self.session = DecoderSession(directory, threads=threads, ep=ep)
+        self.manifest = self.session.manifest
+        self.info = self.session.info
+        self.tokenizer = TextTokenizer(directory, self.info)
+
+    def prompt_ids(self, prompt: str, chat: bool = True) -> list[int]:
+        """Token ids for a user prompt, wrapped in the model's chat template when it has one and chat=True."""
+        from onnxlm.runtime.chat import render_chat
+
+        template = self.tokenizer.config.get("chat_template")
+        if chat and template:
+            text = render_chat(template, prompt, self.tokenizer.config.get("bos_token"),
+                               self.tokenizer.config.get("eos_token"))
+            return self.tokenizer.encode(text, add_bos=False)
+        return self.tokenizer.encode(prompt)
+
+    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 128, ignore_eos: bool = False) -> Iterator[int]:
+        from onnxlm.runtime.generate import generate_tokens
+
+        stop = () if ignore_eos else tuple(self.info.eos_token_ids)
+        return generate_tokens(self.session, prompt_ids, max_new_tokens, stop)
+
+    def generate(self, prompt: str, max_new_tokens: int = 128, stream: bool = False, chat: bool = True):
+        """Greedy generation. With stream=True, an iterator of text pieces; else the whole text."""
+        if max_new_tokens < 1:
+            raise OnnxlmError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        ids = self.generate_ids(self.prompt_ids(prompt, chat), max_new_tokens)
+        pieces = self.tokenizer.stream(t for t in ids if t not in self.info.eos_token_ids)
+        return pieces if stream else "".join(pieces)
+
+    def perplexity(self, path: str | Path | None = None, *, text: str | None = None, max_tokens: int = 4096,
+                   window: int = 512, on_window=None) -> dict:
+        """PPL over the first `max_tokens` tokens of a UTF-8 text file (or of `text=`), in windows of `window`."""
+        from onnxlm.runtime.perplexity import perplexity
+
+        if (path is None) == (text is None):
+            raise OnnxlmError("give either a text file path or text=, not both")
+        if path is not None:
+            try:
+                text = Path(path).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise OnnxlmError(f"cannot read text file {path}: {exc}") from None
+        if max_tokens < 2:
+            raise OnnxlmError(f"max_tokens must be at least 2, got {max_tokens}")
+        ids = self.tokenizer.encode(text, add_bos=False)[:max_tokens]
+        return perplexity(self.session, ids, window, on_window)
+
+    def bench(self, runs: int = 5, on_run=None) -> dict:
+        from onnxlm.runtime.bench import bench
+
+        return bench(self.session, self.tokenizer, runs=runs, on_run=on_run)

@@ -1,0 +1,137 @@
+"""The artifact on disk: a self-contained directory that plain ONNX Runtime can deploy.
+
+    model.onnx, model.onnx.data   the graph; weights as external data
+    tokenizer.json                the `tokenizers` tokenizer, as the source declares it
+    tokenizer_config.json         chat template and special tokens
+    recipe.json                   the recipe that built it
+    manifest.json                 onnxlm version, source hash, model facts, pass reports, package versions
+
+It is written atomically: everything goes to a hidden sibling directory that is renamed into place only when
+complete, so a failed run leaves nothing behind and never replaces a good artifact. This module imports neither
+torch nor onnx-ir at module level: the runtime reads manifests through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import importlib.metadata
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from onnxlm.errors import OnnxlmError
+
+FORMAT = "onnxlm-artifact/1"
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+PACKAGES = ("onnxlm", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "tokenizers", "numpy", "torch", "transformers")
+
+
+def is_artifact(directory: Path) -> bool:
+    return (directory / "manifest.json").is_file() and (directory / MODEL_FILE).is_file()
+
+
+def read_manifest(directory: Path) -> dict:
+    directory = Path(directory)
+    if not directory.exists():
+        raise OnnxlmError(f"artifact directory does not exist: {directory}")
+    if not is_artifact(directory):
+        raise OnnxlmError(f"{directory} is not an onnxlm artifact (no manifest.json and model.onnx)")
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+    except ValueError as exc:
+        raise OnnxlmError(f"{directory}/manifest.json is corrupt: {exc}") from None
+    if manifest.get("format") != FORMAT:
+        raise OnnxlmError(f"{directory} has artifact format {manifest.get('format')!r}; this onnxlm reads {FORMAT}")
+    return manifest
+
+
+def check_output_dir(output: Path) -> None:
+    """Refuse, before any work is done, an output that exists and is not an artifact we may replace."""
+    if output.exists() and not output.is_dir():
+        raise OnnxlmError(f"output {output} exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()) and not is_artifact(output):
+        raise OnnxlmError(f"output directory {output} exists, is not empty and is not an onnxlm artifact")
+
+
+@contextlib.contextmanager
+def atomic_directory(output: Path) -> Iterator[Path]:
+    """Yield a staging directory; on success it replaces `output`, on any error it is removed."""
+    output = Path(output)
+    check_output_dir(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.parent / f".{output.name}.staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = output.parent / f".{output.name}.old-{os.getpid()}"
+    if output.exists():
+        output.rename(old)
+    staging.rename(output)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[name] = importlib.metadata.version(name)
+    return out
+
+
+def write_artifact(output: Path, model, source, recipe, reports, on_step=None) -> Path:
+    """Write graph, tokenizer, recipe and manifest into `output`, atomically."""
+    import onnx_ir as ir
+
+    from onnxlm import __version__
+    from onnxlm.passes.cleanup import op_histogram
+
+    with atomic_directory(output) as staging:
+        if on_step:
+            on_step("saving model.onnx")
+        model.producer_name, model.producer_version = "onnxlm", __version__
+        ir.save(model, staging / MODEL_FILE, external_data=DATA_FILE)
+        source.tokenizer.save(str(staging / "tokenizer.json"))
+        _write_json(staging / "tokenizer_config.json", tokenizer_config(source))
+        _write_json(staging / "recipe.json", recipe.to_dict())
+        files = {p.name: p.stat().st_size for p in sorted(staging.iterdir())}
+        manifest = {
+            "format": FORMAT,
+            "onnxlm_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "source": source.describe(),
+            "model": source.info.to_dict(),
+            "recipe": recipe.to_dict(),
+            "passes": [r.to_dict() for r in reports],
+            "op_histogram": op_histogram(model),
+            "files": files,
+            "packages": package_versions(),
+        }
+        _write_json(staging / "manifest.json", manifest)
+    return Path(output)
+
+
+def tokenizer_config(source) -> dict:
+    info = source.info
+    token = source.tokenizer.id_to_token
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": info.add_bos_token,
+        "bos_token": token(info.bos_token_id) if info.bos_token_id is not None else None,
+        "eos_token": token(info.eos_token_ids[0]) if info.eos_token_ids else None,
+        "model_max_length": info.context_length,
+    }
+    if source.chat_template:
+        config["chat_template"] = source.chat_template
+    return config
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")

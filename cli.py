@@ -1,0 +1,206 @@
+"""The `onnxlm` command line: optimize, generate, eval, bench, inspect, recipes.
+
+Every user error is one line on stderr and exit code 2; progress goes to stderr, results to stdout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from onnxlm.errors import OnnxlmError
+
+app = typer.Typer(
+    name="onnxlm",
+    help="Optimize causal language models into ONNX Runtime artifacts, and run them.",
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+err = Console(stderr=True)
+out = Console()
+
+Threads = Annotated[Optional[int], typer.Option(min=1, help="Intra-op threads (default: all cores).")]
+
+
+@contextlib.contextmanager
+def steps() -> Iterator:
+    """A spinner per step with its elapsed time; `say(msg)` ends the current step and starts the next."""
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
+                  transient=not err.is_terminal) as progress:
+        current = []
+
+        def say(message: str) -> None:
+            if current:
+                progress.update(current[-1], completed=1, total=1)
+            current.append(progress.add_task(message, total=None))
+
+        yield say
+        if current:
+            progress.update(current[-1], completed=1, total=1)
+
+
+@contextlib.contextmanager
+def counted(description: str) -> Iterator:
+    """A bar for work of a known count; yields `advance(done, total)`."""
+    with Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
+                  transient=True) as progress:
+        task = progress.add_task(description, total=None)
+        yield lambda done, total: progress.update(task, completed=done, total=total)
+
+
+@app.command()
+def optimize(
+    model: Annotated[str, typer.Argument(help="HF checkpoint dir, .gguf file, decoder .onnx, or the alias "
+                                         "smollm2-135m.")] = "smollm2-135m",
+    output: Annotated[Path, typer.Option("--output", "-o", help="Artifact directory to write.")] = ...,
+    recipe: Annotated[str, typer.Option(help="Built-in recipe name (see `onnxlm recipes`) or a recipe .json file.")] = "fp32",
+    ep: Annotated[str, typer.Option(help="Execution provider to lower for.")] = "cpu",
+):
+    """Export MODEL, run a recipe of passes over it, and write a self-contained artifact to OUTPUT."""
+    from onnxlm.api import optimize as run_optimize
+
+    with steps() as say:
+        art = run_optimize(model, recipe=recipe, output=output, ep=ep, progress=say)
+    for report in art.manifest["passes"]:
+        check = report["check"].get("max_abs_logit_diff")
+        checked = f", max |dlogit| {check:.2e}" if check is not None else ""
+        err.print(f"  {report['name']}: {report['nodes_before']} -> {report['nodes_after']} nodes{checked}")
+    err.print(f"wrote {output}")
+
+
+@app.command()
+def generate(
+    directory: Annotated[Path, typer.Argument(help="Artifact directory.")],
+    prompt: Annotated[str, typer.Option(help="The prompt text.")],
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate.")] = 128,
+    chat: Annotated[bool, typer.Option(help="Wrap the prompt in the model's chat template.")] = True,
+    threads: Threads = None,
+):
+    """Generate text from an artifact (greedy), streamed to stdout as it is decoded."""
+    from onnxlm.api import load
+
+    art = load(directory, threads=threads)
+    for piece in art.generate(prompt, max_new_tokens=max_new_tokens, stream=True, chat=chat):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+@app.command(name="eval")
+def evaluate(
+    directory: Annotated[Path, typer.Argument(help="Artifact directory.")],
+    text: Annotated[Path, typer.Option(help="UTF-8 text file to score.")],
+    max_tokens: Annotated[int, typer.Option(min=2, help="Score the first N tokens of the text.")] = 4096,
+    window: Annotated[int, typer.Option(min=2, help="Window length; each window starts from an empty cache.")] = 512,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    threads: Threads = None,
+):
+    """Perplexity over non-overlapping windows of a text, no special tokens added."""
+    from onnxlm.api import load
+
+    art = load(directory, threads=threads)
+    with counted("scoring windows") as advance:
+        result = art.perplexity(text, max_tokens=max_tokens, window=window, on_window=advance)
+    if as_json:
+        out.print_json(json.dumps(result))
+    else:
+        out.print(f"perplexity {result['ppl']:.4f} over {result['tokens']} tokens "
+                  f"({result['windows']} windows of {window}) in {result['seconds']:.1f} s")
+
+
+@app.command()
+def bench(
+    directory: Annotated[Path, typer.Argument(help="Artifact directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    threads: Threads = None,
+    runs: Annotated[int, typer.Option(min=1, help="Runs per measurement; the median is reported.")] = 5,
+):
+    """TTFT (32-token prompt), greedy decode tok/s (128 new tokens) and 512-token prefill time; medians."""
+    from onnxlm.api import load
+
+    art = load(directory, threads=threads)
+    with counted("benchmark runs") as advance:
+        result = art.bench(runs=runs, on_run=advance)
+    if as_json:
+        out.print_json(json.dumps(result))
+    else:
+        out.print(f"TTFT {result['ttft_s'] * 1000:.1f} ms | decode {result['decode_tok_s']:.1f} tok/s | "
+                  f"prefill-512 {result['prefill512_s']:.3f} s | {result['threads']} threads, median of {runs}")
+
+
+@app.command()
+def inspect(
+    directory: Annotated[Path, typer.Argument(help="Artifact directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+):
+    """Show an artifact's recipe, each applied pass with its report, the op histogram and the file sizes."""
+    from onnxlm.artifact import read_manifest
+
+    manifest = read_manifest(directory)
+    if as_json:
+        out.print_json(json.dumps(manifest))
+        return
+    recipe = manifest["recipe"]
+    out.print(f"[bold]{directory}[/bold]  (onnxlm {manifest['onnxlm_version']}, {manifest['created']})")
+    out.print(f"source: {manifest['source']['kind']} {manifest['source']['path']}  sha256 {manifest['source']['sha256'][:16]}")
+    m = manifest["model"]
+    out.print(f"model: {m['architecture']}, {m['num_layers']} layers, {m['num_heads']} heads / {m['num_kv_heads']} KV heads, "
+              f"hidden {m['hidden_size']}, vocab {m['vocab_size']}")
+    out.print(f"recipe: {recipe['name']}: {' -> '.join(p['pass'] for p in recipe['passes']) or '(none)'}")
+    passes = Table("pass", "nodes", "seconds", "check", "matched / notes", title="passes")
+    for r in manifest["passes"]:
+        check = r["check"]
+        check_text = f"|dlogit| {check['max_abs_logit_diff']:.2e} <= {check['tolerance']:g}" if check else "lossy"
+        matched = ", ".join(f"{k} {v}" for k, v in r["matched"].items())
+        passes.add_row(r["name"], f"{r['nodes_before']} -> {r['nodes_after']}", f"{r['seconds']:.1f}", check_text,
+                       "; ".join(filter(None, [matched, *r["notes"]])))
+    out.print(passes)
+    ops = Table("op", "count", title="op histogram")
+    for op, count in manifest["op_histogram"].items():
+        ops.add_row(op, str(count))
+    out.print(ops)
+    files = Table("file", "MB", title="files")
+    for name, size in manifest["files"].items():
+        files.add_row(name, f"{size / 1e6:.2f}")
+    files.add_row("total", f"{sum(manifest['files'].values()) / 1e6:.2f}")
+    out.print(files)
+
+
+@app.command()
+def recipes():
+    """List the built-in recipes."""
+    from onnxlm.passes.recipe import builtin_recipes
+
+    for name, description in builtin_recipes().items():
+        typer.echo(f"{name:16} {description}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: maps user errors to one line on stderr and exit code 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        code = app(args=argv or ["--help"], prog_name="onnxlm", standalone_mode=False)
+    except OnnxlmError as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except typer.TyperException as exc:  # usage errors: unknown option, bad value, missing argument
+        err.print(f"error: {exc.format_message()}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

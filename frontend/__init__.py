@@ -1,0 +1,8 @@
+"""Frontend: load a causal LM (HF directory, GGUF file, ONNX decoder) and export it to an onnx-ir graph.
+
+This is the only layer that imports torch and transformers.
+"""
+
+from onnxlm.frontend.source import Source, load_source, resolve_model_path
+
+__all__ = ["Source", "load_source", "resolve_model_path"]

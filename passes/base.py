@@ -1,0 +1,95 @@
+"""The pass contract: a named graph -> graph transformation with typed options and a report.
+
+Modelled on onnx-ir's pass infrastructure (`call(model) -> PassResult(model, modified)`) and MLIR's pass manager:
+a pass edits an onnx_ir.Model in place and returns what it did as plain data; the manager (manager.py) times it,
+checks the graph after it, and for a lossless pass compares the logits with the graph before it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, ClassVar
+
+from onnxlm.errors import OnnxlmError
+from onnxlm.model_info import ModelInfo
+
+
+@dataclasses.dataclass
+class PassContext:
+    """What a pass may read besides the graph: model facts, the source (e.g. a GGUF path), a scratch dir."""
+
+    info: ModelInfo
+    source: dict
+    scratch: Path
+
+
+@dataclasses.dataclass
+class PassReport:
+    """What one pass did, as recorded in the artifact manifest and printed by `onnxlm inspect`."""
+
+    name: str
+    options: dict
+    modified: bool
+    matched: dict[str, int]  # pattern or rewrite name -> count; empty when the pass has no patterns
+    nodes_before: int
+    nodes_after: int
+    seconds: float
+    check: dict  # {"max_abs_logit_diff": x, "tolerance": t} for lossless passes, else {}
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class NoOptions:
+    pass
+
+
+class Pass:
+    """Base class. Subclasses set `name`, `Options` (a dataclass) and `lossless`, and implement `run`."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
+    lossless: ClassVar[bool] = True
+    tolerance: ClassVar[float] = 1e-4  # max abs logit difference allowed by the check of a lossless pass
+
+    def __init__(self, **options: Any):
+        self.options = parse_options(self.name, self.Options, options)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise OnnxlmError for option values outside their range."""
+
+    def run(self, model, ctx: PassContext) -> tuple[bool, dict[str, int], list[str]]:
+        """Edit `model` (an onnx_ir.Model) in place. Return (modified, matched counts, notes)."""
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        return {"pass": self.name, **dataclasses.asdict(self.options)}
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.options).items())
+        return f"{self.name}({opts})"
+
+
+_JSON_TYPES = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}
+
+
+def parse_options(pass_name: str, options_cls: type, given: dict) -> Any:
+    """Build the options dataclass from recipe JSON, with one clear error per bad key or value type."""
+    fields = {f.name: f for f in dataclasses.fields(options_cls)}
+    hints = typing.get_type_hints(options_cls)
+    for key, value in given.items():
+        if key not in fields:
+            known = ", ".join(fields) or "none"
+            raise OnnxlmError(f"pass '{pass_name}' has no option '{key}' (its options: {known})")
+        expected = hints[key]
+        allowed = _JSON_TYPES.get(expected)
+        if allowed and (not isinstance(value, allowed) or (expected is not bool and isinstance(value, bool))):
+            raise OnnxlmError(
+                f"pass '{pass_name}' option '{key}' must be {expected.__name__}, got {value!r}"
+            )
+    return options_cls(**given)

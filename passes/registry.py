@@ -1,0 +1,20 @@
+"""Pass names -> pass classes. The list is explicit: a recipe can name only what is imported here."""
+
+from __future__ import annotations
+
+from onnxlm.errors import OnnxlmError
+from onnxlm.passes.base import Pass
+from onnxlm.passes.cleanup import Cleanup
+
+PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in [Cleanup]}
+
+
+def make_pass(spec: dict) -> Pass:
+    """Build a pass from a recipe entry: {"pass": NAME, option: value, ...}."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("pass"), str):
+        raise OnnxlmError(f'a recipe entry must be an object like {{"pass": "cleanup"}}, got {spec!r}')
+    options = {k: v for k, v in spec.items() if k != "pass"}
+    name = spec["pass"]
+    if name not in PASSES:
+        raise OnnxlmError(f"unknown pass '{name}' (known passes: {', '.join(sorted(PASSES))})")
+    return PASSES[name](**options)

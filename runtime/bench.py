@@ -1,0 +1,73 @@
+"""Latency and throughput of one artifact: TTFT, greedy decode tok/s, prefill time. Medians of N runs.
+
+Definitions (shared with bench/, so numbers from both sides compare):
+- ttft_s: a 32-token prompt, from the call to the first new token chosen (prefill + argmax).
+- decode_tok_s: 128 new tokens after that prompt; (128 - 1) / (time of token 128 - time of token 1).
+- prefill512_s: one forward pass over a 512-token prompt from an empty cache.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+
+from onnxlm.runtime.generate import decode_one_token, greedy, prefill
+from onnxlm.runtime.session import DecoderSession
+
+# Fixed English text so that every run and every system sees the same prompt tokens.
+BENCH_TEXT = (
+    "The history of computing is a story of ideas that became machines. Early mechanical calculators could add "
+    "and subtract, and later designs stored instructions as well as numbers. In the twentieth century, "
+    "electronic computers replaced gears with vacuum tubes, then with transistors, and finally with integrated "
+    "circuits holding billions of switches. Each step made computers smaller, cheaper and faster, and each step "
+    "opened new uses: scientific simulation, business records, personal writing, games, networks that joined "
+    "the world, and today models that read and write language. "
+)
+
+
+def bench_prompt(tokenizer, length: int) -> list[int]:
+    ids = tokenizer.encode(BENCH_TEXT, add_bos=False)
+    return (ids * (length // len(ids) + 1))[:length]
+
+
+def time_generation(model: DecoderSession, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+    """Return (ttft seconds, decode tok/s) for one greedy run that ignores EOS."""
+    start = time.perf_counter()
+    cache = model.new_cache()
+    token = greedy(prefill(model, cache, prompt))
+    first = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        token = greedy(decode_one_token(model, cache, token))
+    last = time.perf_counter()
+    return first - start, (new_tokens - 1) / (last - first)
+
+
+def time_prefill(model: DecoderSession, prompt: list[int]) -> float:
+    start = time.perf_counter()
+    model.step(np.asarray([prompt], np.int64), model.new_cache())
+    return time.perf_counter() - start
+
+
+PROMPT_TOKENS, NEW_TOKENS, PREFILL_TOKENS = 32, 128, 512
+
+
+def bench(model: DecoderSession, tokenizer, runs: int = 5, on_run=None) -> dict:
+    short, long = bench_prompt(tokenizer, PROMPT_TOKENS), bench_prompt(tokenizer, PREFILL_TOKENS)
+    time_generation(model, short, 4)  # warm-up: first-run allocations are not what we measure
+    ttft, decode, prefill_s = [], [], []
+    for i in range(runs):
+        t, d = time_generation(model, short, NEW_TOKENS)
+        ttft.append(t)
+        decode.append(d)
+        prefill_s.append(time_prefill(model, long))
+        if on_run:
+            on_run(i + 1, runs)
+    return {
+        "ttft_s": statistics.median(ttft),
+        "decode_tok_s": statistics.median(decode),
+        "prefill512_s": statistics.median(prefill_s),
+        "runs": runs,
+        "threads": model.session.get_session_options().intra_op_num_threads,
+    }

@@ -1,0 +1,71 @@
+"""An artifact's decoder graph in an ONNX Runtime session, driven with IO binding.
+
+The KV cache never leaves ORT: each step's `present.*` OrtValues are bound as the next step's `past_key_values.*`
+without a copy to numpy. On the plain exported graph ORT allocates each present anew (the graph concatenates
+past and new K/V); a graph with a shared past/present buffer removes that allocation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from onnxlm.artifact import MODEL_FILE, read_manifest
+from onnxlm.backends import get_backend
+from onnxlm.errors import OnnxlmError
+from onnxlm.model_info import ModelInfo
+from onnxlm.runtime.kv_cache import KVCache
+
+
+class DecoderSession:
+    """One loaded decoder. `step` runs new tokens against a KV cache and returns their logits."""
+
+    def __init__(self, directory: Path, threads: int | None = None, ep: str = "cpu", profile: bool = False):
+        import onnxruntime as ort
+
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory)
+        self.info = ModelInfo.from_dict(self.manifest["model"])
+        backend = get_backend(ep)
+        try:
+            self.session = ort.InferenceSession(
+                str(self.directory / MODEL_FILE),
+                sess_options=backend.session_options(threads, profile),
+                providers=backend.PROVIDERS,
+            )
+        except Exception as exc:
+            raise OnnxlmError(f"ONNX Runtime cannot load {self.directory / MODEL_FILE}: {exc}") from None
+        self.input_names = {i.name for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.kv_input_names = [n for n in self._ordered_kv("past_key_values.{}.{}")]
+        self.kv_output_names = [n for n in self._ordered_kv("present.{}.{}")]
+
+    def _ordered_kv(self, fmt: str) -> list[str]:
+        return [fmt.format(i, kind) for i in range(self.info.num_layers) for kind in ("key", "value")]
+
+    def new_cache(self, batch: int = 1) -> KVCache:
+        return KVCache.empty(self.kv_input_names, batch, self.info.num_kv_heads, self.info.head_dim)
+
+    def step(self, token_ids: np.ndarray, cache: KVCache) -> np.ndarray:
+        """Run `token_ids` (batch, seq) at positions cache.length.. and advance the cache.
+
+        Returns logits (batch, seq, vocab) as float32.
+        """
+        batch, seq = token_ids.shape
+        past = cache.length
+        io = self.session.io_binding()
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(token_ids, dtype=np.int64))
+        if "attention_mask" in self.input_names:
+            io.bind_cpu_input("attention_mask", np.ones((batch, past + seq), np.int64))
+        if "position_ids" in self.input_names:
+            positions = np.arange(past, past + seq, dtype=np.int64)
+            io.bind_cpu_input("position_ids", np.broadcast_to(positions, (batch, seq)).copy())
+        for name, value in zip(self.kv_input_names, cache.values):
+            io.bind_ortvalue_input(name, value)
+        for name in self.output_names:
+            io.bind_output(name, "cpu")
+        self.session.run_with_iobinding(io)
+        outputs = dict(zip(self.output_names, io.get_outputs()))
+        cache.advance([outputs[name] for name in self.kv_output_names], seq)
+        return outputs["logits"].numpy()

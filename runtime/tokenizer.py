@@ -1,0 +1,50 @@
+"""Text <-> token ids with the `tokenizers` library, and UTF-8-safe streaming of decoded text."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from onnxlm.model_info import ModelInfo
+
+
+class TextTokenizer:
+    def __init__(self, directory: Path, info: ModelInfo):
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(Path(directory) / "tokenizer.json"))
+        config_path = Path(directory) / "tokenizer_config.json"
+        self.config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        self.info = info
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids with no post-processor specials; BOS is prepended only when the model wants it."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        add_bos = self.info.add_bos_token if add_bos is None else add_bos
+        if add_bos and self.info.bos_token_id is not None:
+            ids = [self.info.bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def stream(self, ids: Iterable[int]) -> Iterator[str]:
+        """Yield text pieces as tokens arrive, in O(1) work per token.
+
+        Each step decodes only a short window: the tokens of the last emitted piece (for context) plus the new
+        ones. A piece is held back while it ends in U+FFFD, i.e. a multi-byte UTF-8 character split over tokens.
+        """
+        tokens: list[int] = []
+        prefix_start = read_start = 0  # tokens[prefix_start:read_start] were emitted last time
+        for token in ids:
+            tokens.append(token)
+            prefix = self.decode(tokens[prefix_start:read_start])
+            text = self.decode(tokens[prefix_start:])
+            if text.endswith("\ufffd") or len(text) <= len(prefix):
+                continue
+            yield text[len(prefix):]
+            prefix_start, read_start = read_start, len(tokens)
+        tail = self.decode(tokens[prefix_start:])[len(self.decode(tokens[prefix_start:read_start])):]
+        if tail:
+            yield tail
