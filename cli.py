@@ -160,7 +160,7 @@ def inspect(
     passes = Table("pass", "nodes", "seconds", "check", "matched / notes", title="passes")
     for r in manifest["passes"]:
         check = r["check"]
-        check_text = f"|dlogit| {check['max_abs_logit_diff']:.2e} <= {check['tolerance']:g}" if check else "lossy"
+        check_text = f"|dlogit| {check['max_abs_logit_diff']:.2e} <= {check['tolerance']:.2e}" if check else "lossy"
         matched = ", ".join(f"{k} {v}" for k, v in r["matched"].items())
         passes.add_row(r["name"], f"{r['nodes_before']} -> {r['nodes_after']}", f"{r['seconds']:.1f}", check_text,
                        "; ".join(filter(None, [matched, *r["notes"]])))

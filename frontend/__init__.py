@@ -3,6 +3,11 @@
 This is the only layer that imports torch and transformers.
 """
 
+import os
+
+# onnxlm never downloads weights: models come from local paths or packages.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 from onnxlm.frontend.source import Source, load_source, resolve_model_path
 
 __all__ = ["Source", "load_source", "resolve_model_path"]

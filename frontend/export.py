@@ -93,4 +93,10 @@ def export_decoder(model, info: ModelInfo):
             )
         except Exception as exc:
             raise OnnxlmError(f"torch.onnx export failed for this {info.architecture} model: {exc}") from None
-    return program.model
+    model = program.model
+    # The exporter records stack traces with per-process counters in node metadata; drop them so that the same
+    # model and recipe give a byte-identical artifact.
+    import onnx_ir.passes.common as common
+
+    common.ClearMetadataAndDocStringPass()(model)
+    return model

