@@ -3,6 +3,7 @@
     model.onnx, model.onnx.data   the graph; weights as external data
     tokenizer.json                the `tokenizers` tokenizer, as the source declares it
     tokenizer_config.json         chat template and special tokens
+    genai_config.json             what onnxruntime-genai needs to run the artifact without onnxlm
     recipe.json                   the recipe that built it
     manifest.json                 onnxlm version, source hash, model facts, pass reports, package versions
 
@@ -91,6 +92,7 @@ def write_artifact(output: Path, model, source, recipe, reports, on_step=None) -
     import onnx_ir as ir
 
     from onnxlm import __version__
+    from onnxlm.genai_config import genai_config
     from onnxlm.passes.cleanup import op_histogram
 
     with atomic_directory(output) as staging:
@@ -101,6 +103,8 @@ def write_artifact(output: Path, model, source, recipe, reports, on_step=None) -
         source.tokenizer.save(str(staging / "tokenizer.json"))
         _write_json(staging / "tokenizer_config.json", tokenizer_config(source))
         _write_json(staging / "recipe.json", recipe.to_dict())
+        ops = op_histogram(model)
+        _write_json(staging / "genai_config.json", genai_config(source.info, ops, MODEL_FILE))
         files = {p.name: p.stat().st_size for p in sorted(staging.iterdir())}
         manifest = {
             "format": FORMAT,
@@ -110,7 +114,7 @@ def write_artifact(output: Path, model, source, recipe, reports, on_step=None) -
             "model": source.info.to_dict(),
             "recipe": recipe.to_dict(),
             "passes": [r.to_dict() for r in reports],
-            "op_histogram": op_histogram(model),
+            "op_histogram": ops,
             "files": files,
             "packages": package_versions(),
         }

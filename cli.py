@@ -27,7 +27,7 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 err = Console(stderr=True)
-out = Console()
+out = Console(soft_wrap=True)  # long lines (pipelines, paths) stay whole for grep
 
 Threads = Annotated[Optional[int], typer.Option(min=1, help="Intra-op threads (default: all cores).")]
 

@@ -31,22 +31,33 @@ def read_gguf_metadata(path: Path) -> dict:
     return meta
 
 
-def fix_pretokenizer(tokenizer, gguf_pre: str | None):
-    """Restore the pre-tokenizer rule the GGUF names but transformers' conversion drops.
+def gguf_tokenizer(converted, meta: dict):
+    """The tokenizer the GGUF declares, from transformers' conversion of it.
 
-    llama.cpp's `smollm` (and `starcoder`, `refact`) pre-tokenizers split every digit on its own before the
-    GPT-2 byte-level regex; transformers' GGUF conversion keeps only the byte-level step.
+    For a byte-level BPE vocabulary (`tokenizer.ggml.model` = gpt2) the conversion leaves SentencePiece pieces
+    behind (byte_fallback, a U+2581 Replace decoder, an empty normalizer) that other runtimes, onnxruntime-genai
+    among them, take for a SentencePiece model; we restore the plain byte-level form. It also drops the
+    pre-tokenizer rule that llama.cpp's `smollm` (and `starcoder`, `refact`) pre-tokenizers add: every digit is
+    split on its own before the GPT-2 byte-level regex.
     """
-    from tokenizers import pre_tokenizers
+    import json
 
-    if gguf_pre in ("smollm", "starcoder", "refact"):
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Digits(individual_digits=True),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
-            ]
-        )
-    return tokenizer
+    from tokenizers import Tokenizer
+
+    spec = json.loads(converted.to_str())
+    if meta.get("tokenizer.ggml.model") == "gpt2":
+        spec["normalizer"] = None
+        spec["post_processor"] = None  # no BOS is added; the runtime adds it when add_bos_token says so
+        spec["decoder"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+        spec["model"]["byte_fallback"] = False
+        spec["model"]["fuse_unk"] = False
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    if meta.get("tokenizer.ggml.pre") in ("smollm", "starcoder", "refact"):
+        spec["pre_tokenizer"] = {
+            "type": "Sequence",
+            "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level],
+        }
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 def load_gguf(path: Path) -> Source:
@@ -65,7 +76,7 @@ def load_gguf(path: Path) -> Source:
         raise OnnxlmError(f"cannot load GGUF model {path}: {exc}") from None
     model.eval()
 
-    tokenizer = fix_pretokenizer(hf_tokenizer.backend_tokenizer, meta.get("tokenizer.ggml.pre"))
+    tokenizer = gguf_tokenizer(hf_tokenizer.backend_tokenizer, meta)
     eos = meta.get("tokenizer.ggml.eos_token_id")
     info = ModelInfo.from_hf_config(model.config, [int(eos)] if eos is not None else None)
     assert info.architecture == arch

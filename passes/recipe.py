@@ -45,7 +45,7 @@ class Recipe:
 def builtin_recipes() -> dict[str, str]:
     """name -> one-line description, for `onnxlm recipes`."""
     out = {}
-    for path in sorted(BUILTIN_DIR.glob("*.json")):
+    for path in sorted(BUILTIN_DIR.glob("*.json"), key=lambda p: p.stem):
         out[path.stem] = json.loads(path.read_text()).get("description", "")
     return out
 

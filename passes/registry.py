@@ -5,8 +5,26 @@ from __future__ import annotations
 from onnxlm.errors import OnnxlmError
 from onnxlm.passes.base import Pass
 from onnxlm.passes.cleanup import Cleanup
+from onnxlm.passes.lowering.ort_fusions import (
+    FuseGroupQueryAttention,
+    FuseRmsNorm,
+    FuseRotary,
+    FuseSkipRmsNorm,
+)
+from onnxlm.passes.lowering.pack_matmuls import PackGateUp, PackQKV
 
-PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in [Cleanup]}
+PASSES: dict[str, type[Pass]] = {
+    cls.name: cls
+    for cls in [
+        Cleanup,
+            FuseRmsNorm,
+        FuseSkipRmsNorm,
+        FuseRotary,
+        FuseGroupQueryAttention,
+        PackQKV,
+        PackGateUp,
+    ]
+}
 
 
 def make_pass(spec: dict) -> Pass:

@@ -35,7 +35,7 @@ def bench_prompt(tokenizer, length: int) -> list[int]:
 def time_generation(model: DecoderSession, prompt: list[int], new_tokens: int) -> tuple[float, float]:
     """Return (ttft seconds, decode tok/s) for one greedy run that ignores EOS."""
     start = time.perf_counter()
-    cache = model.new_cache()
+    cache = model.new_cache(capacity=len(prompt) + new_tokens)
     token = greedy(prefill(model, cache, prompt))
     first = time.perf_counter()
     for _ in range(new_tokens - 1):
@@ -46,7 +46,7 @@ def time_generation(model: DecoderSession, prompt: list[int], new_tokens: int) -
 
 def time_prefill(model: DecoderSession, prompt: list[int]) -> float:
     start = time.perf_counter()
-    model.step(np.asarray([prompt], np.int64), model.new_cache())
+    model.step(np.asarray([prompt], np.int64), model.new_cache(capacity=len(prompt)))
     return time.perf_counter() - start
 
 

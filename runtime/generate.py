@@ -41,7 +41,7 @@ def generate_tokens(
             f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
             f"context length {model.info.context_length}"
         )
-    cache = model.new_cache()
+    cache = model.new_cache(capacity=len(prompt_ids) + max_new_tokens)
     logits = prefill(model, cache, prompt_ids)
     for i in range(max_new_tokens):
         token = greedy(logits)

@@ -38,7 +38,7 @@ def perplexity(
     start = time.perf_counter()
     total_nll, scored = 0.0, 0
     for i, ids in enumerate(windows):
-        logits = model.step(np.asarray([ids], np.int64), model.new_cache())[0]  # (window, vocab)
+        logits = model.step(np.asarray([ids], np.int64), model.new_cache(capacity=len(ids)))[0]  # (window, vocab)
         total_nll += window_nll(logits[:-1], np.asarray(ids[1:]))
         scored += len(ids) - 1
         if on_window:

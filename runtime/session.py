@@ -1,8 +1,9 @@
 """An artifact's decoder graph in an ONNX Runtime session, driven with IO binding.
 
-The KV cache never leaves ORT: each step's `present.*` OrtValues are bound as the next step's `past_key_values.*`
-without a copy to numpy. On the plain exported graph ORT allocates each present anew (the graph concatenates
-past and new K/V); a graph with a shared past/present buffer removes that allocation.
+The KV cache never leaves ORT. On a GroupQueryAttention graph one preallocated buffer per layer is bound as both
+`past_key_values.*` and `present.*`, and decode writes in place (past_present_share_buffer). On the plain export,
+each step's `present.*` OrtValues are bound as the next step's past without a copy to numpy; ORT allocates each
+present anew there, because that graph concatenates past and new K/V.
 """
 
 from __future__ import annotations
@@ -40,12 +41,19 @@ class DecoderSession:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.kv_input_names = [n for n in self._ordered_kv("past_key_values.{}.{}")]
         self.kv_output_names = [n for n in self._ordered_kv("present.{}.{}")]
+        # GQA reads lengths from position_ids, not from the past's shape, so it can share one buffer.
+        self.shared_kv = "com.microsoft::GroupQueryAttention" in self.manifest.get("op_histogram", {})
 
     def _ordered_kv(self, fmt: str) -> list[str]:
         return [fmt.format(i, kind) for i in range(self.info.num_layers) for kind in ("key", "value")]
 
-    def new_cache(self, batch: int = 1) -> KVCache:
-        return KVCache.empty(self.kv_input_names, batch, self.info.num_kv_heads, self.info.head_dim)
+    def new_cache(self, batch: int = 1, capacity: int | None = None) -> KVCache:
+        """An empty cache. `capacity` (positions) sizes the shared buffer of a GQA graph; default: context length."""
+        if self.shared_kv:
+            capacity = min(capacity or self.info.context_length, self.info.context_length)
+        else:
+            capacity = None
+        return KVCache.empty(self.kv_input_names, batch, self.info.num_kv_heads, self.info.head_dim, capacity)
 
     def step(self, token_ids: np.ndarray, cache: KVCache) -> np.ndarray:
         """Run `token_ids` (batch, seq) at positions cache.length.. and advance the cache.
@@ -54,6 +62,7 @@ class DecoderSession:
         """
         batch, seq = token_ids.shape
         past = cache.length
+        cache.check_room(seq)
         io = self.session.io_binding()
         io.bind_cpu_input("input_ids", np.ascontiguousarray(token_ids, dtype=np.int64))
         if "attention_mask" in self.input_names:
@@ -63,9 +72,13 @@ class DecoderSession:
             io.bind_cpu_input("position_ids", np.broadcast_to(positions, (batch, seq)).copy())
         for name, value in zip(self.kv_input_names, cache.values):
             io.bind_ortvalue_input(name, value)
-        for name in self.output_names:
-            io.bind_output(name, "cpu")
+        io.bind_output("logits", "cpu")
+        for name, value in zip(self.kv_output_names, cache.values):
+            if cache.shared:
+                io.bind_ortvalue_output(name, value)  # the same buffer as the past: written in place
+            else:
+                io.bind_output(name, "cpu")
         self.session.run_with_iobinding(io)
-        outputs = dict(zip(self.output_names, io.get_outputs()))
-        cache.advance([outputs[name] for name in self.kv_output_names], seq)
+        outputs = dict(zip(["logits", *self.kv_output_names], io.get_outputs()))
+        cache.advance(None if cache.shared else [outputs[n] for n in self.kv_output_names], seq)
         return outputs["logits"].numpy()

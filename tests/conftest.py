@@ -53,7 +53,7 @@ def write_tiny_llama(directory: Path, model_type: str = "llama", layers: int = 2
     config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[model_type]
     config = config_cls(
         vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
         tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
@@ -79,10 +79,30 @@ def tiny_torch(tiny_hf_dir):
 
 
 @pytest.fixture(scope="session")
-def tiny_artifact(tiny_hf_dir, tmp_path_factory):
+def tiny_artifacts(tiny_hf_dir, tmp_path_factory):
+    """recipe name -> artifact of the tiny model, built on first use."""
     import onnxlm
 
-    return onnxlm.optimize(str(tiny_hf_dir), recipe="fp32", output=tmp_path_factory.mktemp("art") / "fp32")
+    cache = {}
+
+    def get(recipe: str):
+        if recipe not in cache:
+            out = tmp_path_factory.mktemp("art") / recipe
+            cache[recipe] = onnxlm.optimize(str(tiny_hf_dir), recipe=recipe, output=out)
+        return cache[recipe]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_artifacts):
+    return tiny_artifacts("fp32")
+
+
+@pytest.fixture(scope="session", params=["fp32-plain", "fp32"])
+def tiny_any_artifact(request, tiny_artifacts):
+    """The tiny model's plain export and its lowered (GQA) graph: the runtime must treat both alike."""
+    return tiny_artifacts(request.param)
 
 
 @pytest.fixture(scope="session")

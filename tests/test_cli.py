@@ -11,7 +11,7 @@ def test_optimize_writes_an_artifact(tiny_hf_dir, tmp_path, capsys):
     assert code == 0, err
     names = {p.name for p in out.iterdir()}
     assert {"model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer_config.json", "recipe.json",
-            "manifest.json"} <= names
+            "manifest.json", "genai_config.json"} <= names
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["recipe"]["name"] == "fp32"
     assert manifest["packages"]["onnxruntime"]
@@ -45,13 +45,15 @@ def test_bench_json(tiny_artifact, capsys):
 def test_inspect_shows_recipe_passes_and_ops(tiny_artifact, capsys):
     code, out, _ = run_cli(capsys, "inspect", tiny_artifact.directory)
     assert code == 0
-    assert "recipe: fp32: cleanup" in out
-    assert "|dlogit|" in out and "MatMul" in out and "model.onnx.data" in out
+    assert "recipe: fp32: cleanup -> fuse_rms_norm -> fuse_skip_rms_norm -> fuse_rotary -> fuse_gqa" in out
+    assert "|dlogit|" in out and "model.onnx.data" in out
+    assert "com.microsoft::GroupQueryAttention" in out and "gqa 2" in out
 
 
-def test_recipes_lists_fp32(capsys):
+def test_recipes_lists_the_builtins(capsys):
     code, out, _ = run_cli(capsys, "recipes")
-    assert code == 0 and out.startswith("fp32")
+    names = [line.split()[0] for line in out.splitlines()]
+    assert code == 0 and names == ["fp32", "fp32-plain"]
 
 
 def test_help_describes_every_command(capsys):

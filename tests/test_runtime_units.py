@@ -12,7 +12,7 @@ from onnxlm.runtime.tokenizer import TextTokenizer
 
 def make_tokenizer(tmp_path):
     build_tiny_tokenizer(320).save(str(tmp_path / "tokenizer.json"))
-    info = ModelInfo("llama", 1, 1, 1, 1, 1, 320, 64, 1e4, bos_token_id=1, eos_token_ids=[2])
+    info = ModelInfo("llama", 1, 1, 1, 1, 1, 320, 1024, 1e4, bos_token_id=1, eos_token_ids=[2])
     return TextTokenizer(tmp_path, info)
 
 

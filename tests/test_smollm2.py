@@ -16,7 +16,10 @@ def test_tokenizer_follows_the_gguf_pretokenizer(smollm2_artifact):
     tok = smollm2_artifact.tokenizer
     pieces = [tok.tokenizer.id_to_token(i) for i in tok.encode("June 2007")]
     assert pieces == ["June", "\u0120", "2", "0", "0", "7"]
-    assert len(tok.encode(GPL3.read_text())) == 7639
+    text = GPL3.read_text()
+    ids = tok.encode(text)
+    assert len(ids) == 7639
+    assert tok.decode(ids) == text
 
 
 def test_logits_match_transformers(smollm2_artifact, smollm2_torch):
@@ -47,6 +50,25 @@ def test_manifest_records_source_and_checked_pass(smollm2_artifact):
     m = smollm2_artifact.manifest
     assert m["source"]["kind"] == "gguf" and len(m["source"]["sha256"]) == 64
     assert m["model"]["num_layers"] == 30 and m["model"]["num_kv_heads"] == 3
-    (cleanup,) = m["passes"]
-    assert cleanup["modified"] and cleanup["nodes_after"] < cleanup["nodes_before"]
-    assert cleanup["check"]["max_abs_logit_diff"] <= cleanup["check"]["tolerance"]
+    assert [p["name"] for p in m["passes"]] == [p["pass"] for p in m["recipe"]["passes"]]
+    for report in m["passes"]:
+        assert report["modified"], report["name"]
+        assert report["check"]["max_abs_logit_diff"] <= report["check"]["tolerance"]
+    assert m["passes"][0]["nodes_after"] < m["passes"][0]["nodes_before"]
+
+
+def test_lowered_graph_has_the_ort_llm_ops(smollm2_artifact):
+    ops = smollm2_artifact.manifest["op_histogram"]
+    assert ops["com.microsoft::GroupQueryAttention"] == 30
+    assert ops["com.microsoft::SkipSimplifiedLayerNormalization"] == 60
+    assert smollm2_artifact.session.shared_kv
+
+
+def test_lowered_perplexity_equals_the_plain_graph(smollm2_artifact, tmp_path):
+    """Lowering is lossless end to end: the fp32 (lowered) and fp32-plain artifacts score text alike."""
+    import onnxlm
+
+    plain = onnxlm.optimize("smollm2-135m", recipe="fp32-plain", output=tmp_path / "plain")
+    a = smollm2_artifact.perplexity(GPL3, max_tokens=1024)["ppl"]
+    b = plain.perplexity(GPL3, max_tokens=1024)["ppl"]
+    assert abs(a / b - 1) < 1e-4

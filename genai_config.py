@@ -1,0 +1,62 @@
+"""genai_config.json: the file that lets onnxruntime-genai run an artifact with no onnxlm installed.
+
+Field names follow onnxruntime-genai's config (model.decoder inputs/outputs, search options). The KV buffer is
+shared between past and present exactly when the graph attends with GroupQueryAttention, which reads lengths
+from position_ids; the plain export concatenates and cannot share.
+"""
+
+from __future__ import annotations
+
+from onnxlm.model_info import ModelInfo
+
+GQA_OP = "com.microsoft::GroupQueryAttention"
+
+
+def genai_config(info: ModelInfo, op_histogram: dict[str, int], model_file: str = "model.onnx") -> dict:
+    eos = info.eos_token_ids
+    return {
+        "model": {
+            "type": info.architecture,
+            "bos_token_id": info.bos_token_id,
+            "eos_token_id": eos[0] if len(eos) == 1 else eos,
+            "pad_token_id": eos[0] if eos else 0,
+            "context_length": info.context_length,
+            "vocab_size": info.vocab_size,
+            "decoder": {
+                "filename": model_file,
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "head_size": info.head_dim,
+                "hidden_size": info.hidden_size,
+                "num_attention_heads": info.num_heads,
+                "num_key_value_heads": info.num_kv_heads,
+                "num_hidden_layers": info.num_layers,
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+            },
+        },
+        "search": {
+            "do_sample": False,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "min_length": 0,
+            "max_length": info.context_length,
+            "past_present_share_buffer": GQA_OP in op_histogram,
+            "top_k": 1,
+            "top_p": 1.0,
+            "temperature": 1.0,
+            "repetition_penalty": 1.0,
+            "length_penalty": 1.0,
+            "early_stopping": True,
+            "no_repeat_ngram_size": 0,
+        },
+    }
