@@ -36,7 +36,7 @@ Threads = Annotated[Optional[int], typer.Option(min=1, help="Intra-op threads (d
 def steps() -> Iterator:
     """A spinner per step with its elapsed time; `say(msg)` ends the current step and starts the next."""
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
-                  transient=not err.is_terminal) as progress:
+                  disable=not err.is_terminal) as progress:
         current = []
 
         def say(message: str) -> None:
@@ -53,7 +53,7 @@ def steps() -> Iterator:
 def counted(description: str) -> Iterator:
     """A bar for work of a known count; yields `advance(done, total)`."""
     with Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
-                  transient=True) as progress:
+                  transient=True, disable=not err.is_terminal) as progress:
         task = progress.add_task(description, total=None)
         yield lambda done, total: progress.update(task, completed=done, total=total)
 
@@ -135,7 +135,7 @@ def bench(
         out.print_json(json.dumps(result))
     else:
         out.print(f"TTFT {result['ttft_s'] * 1000:.1f} ms | decode {result['decode_tok_s']:.1f} tok/s | "
-                  f"prefill-512 {result['prefill512_s']:.3f} s | {result['threads']} threads, median of {runs}")
+                  f"prefill-512 {result['prefill512_s']:.3f} s | {result['threads'] or 'auto'} threads, median of {runs}")
 
 
 @app.command()

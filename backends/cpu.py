@@ -7,24 +7,26 @@ import os
 PROVIDERS = ["CPUExecutionProvider"]
 
 
-def default_threads() -> int:
+def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def session_options(threads: int | None = None, profile: bool = False):
-    """Intra-op threads = the cores we may use; one inter-op thread (a decoder graph is a chain).
+    """ORT's defaults, which measured fastest for decode here.
 
-    Spinning threads are turned off: between decode steps the Python loop runs, and spinning workers would
-    steal its core on a 2-core machine.
+    - Threads: when `threads` is None or covers every usable core, ORT picks the count itself and pins its
+      threads to cores; an explicit count of the same size leaves them unpinned and measured about 8% slower
+      per decode step on 2 cores. A smaller count is set as given.
+    - Spinning workers on: turning spinning off cost about 10% decode tok/s on 2 cores.
+    - Sequential execution (a decoder graph is a chain) and all graph optimizations.
     """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads or default_threads()
-    opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.intra_op_num_threads = 0 if threads is None or threads >= usable_cores() else threads
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
     opts.enable_profiling = profile
     return opts
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -22,8 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import onnxlm  # noqa: E402
 from onnxlm.runtime.bench import NEW_TOKENS, PREFILL_TOKENS, PROMPT_TOKENS, bench_prompt, time_generation, time_prefill  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-GPL3 = Path("/usr/share/common-licenses/GPL-3")
+from common import GPL3, ROOT, dir_size, machine, write_section  # noqa: E402
 
 
 class TimingStreamer:
@@ -79,24 +76,10 @@ def hf_perplexity(model, ids: list[int], window: int) -> float:
     return math.exp(nll / n)
 
 
-def machine() -> str:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
-    flags = fields.get("Flags", "")
-    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    if "avx512_vnni" in flags or "avx_vnni" in flags:
-        isa += " + VNNI"
-    return (f"{fields.get('Model name', '?').strip()}, {os.cpu_count()} logical CPUs ({isa}), "
-            f"{platform.python_implementation()} {platform.python_version()}")
-
-
-def dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--artifact", type=Path, default=ROOT / "out" / "fp32")
+    parser.add_argument("--artifact", type=Path, default=ROOT / "out" / "fp32-plain")
+    parser.add_argument("--recipe", default="fp32-plain")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ppl-tokens", type=int, default=4096)
@@ -107,7 +90,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if not (args.artifact / "manifest.json").is_file():
         print(f"building {args.artifact} ...", flush=True)
-        onnxlm.optimize("smollm2-135m", recipe="fp32", output=args.artifact)
+        onnxlm.optimize("smollm2-135m", recipe=args.recipe, output=args.artifact)
     art = onnxlm.load(args.artifact, threads=args.threads)
     from onnxlm.frontend import load_source
 
@@ -144,7 +127,7 @@ def main() -> None:
         "| system | decode tok/s | TTFT (32-token prompt) | prefill 512 tokens | PPL (GPL-3, 4096 tok, 512 windows) | size |",
         "|---|---|---|---|---|---|",
     ]
-    for name, label in (("transformers", "transformers fp32 (`generate`, sdpa)"), ("onnxlm", "onnxlm `fp32` artifact")):
+    for name, label in (("transformers", "transformers fp32 (`generate`, sdpa)"), ("onnxlm", f"onnxlm `{args.recipe}` artifact")):
         m = med[name]
         lines.append(f"| {label} | {m['decode']:.1f} | {m['ttft'] * 1000:.0f} ms | {m['prefill']:.2f} s | "
                      f"{ppl[name]:.4f} | {sizes[name] / 1e6:.0f} MB |")
@@ -154,20 +137,11 @@ def main() -> None:
         f"{abs(ppl['onnxlm'] / ppl['transformers'] - 1) * 100:.4f}% "
         f"(tokenizer: the GGUF's `smollm` pre-tokenizer, {len(ids)} tokens scored in windows).",
         "",
-        "Command: `python bench/bench_foundation.py --runs 5 --threads 2`",
+        f"Command: `python bench/bench_foundation.py --recipe {args.recipe} --runs {args.runs} --threads {args.threads}`",
     ]
     table = "\n".join(lines)
     print(table)
-    write_section(ROOT / "docs" / "benchmarks.md", "foundation", table)
-
-
-def write_section(path: Path, name: str, body: str) -> None:
-    """Replace the text between `<!-- name:start -->` and `<!-- name:end -->` in path."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = path.read_text()
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    path.write_text(f"{head}{start}\n{body}\n{end}{tail}")
+    write_section("foundation", table)
 
 
 if __name__ == "__main__":

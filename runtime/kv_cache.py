@@ -10,6 +10,7 @@ Two layouts, chosen by the graph:
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 
@@ -21,6 +22,7 @@ class KVCache:
     values: list  # onnxruntime.OrtValue, ordered [k0, v0, k1, v1, ...]
     length: int  # positions already in the cache
     capacity: int | None  # None: growing layout; else the shared buffer's length
+    binding: Any = None  # shared layout: the session's IO binding with these buffers bound as past and present
 
     @classmethod
     def empty(cls, names: list[str], batch: int, kv_heads: int, head_dim: int,

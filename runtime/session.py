@@ -19,6 +19,12 @@ from onnxlm.model_info import ModelInfo
 from onnxlm.runtime.kv_cache import KVCache
 
 
+def ort_value(array: np.ndarray):
+    import onnxruntime as ort
+
+    return ort.OrtValue.ortvalue_from_numpy(array)
+
+
 class DecoderSession:
     """One loaded decoder. `step` runs new tokens against a KV cache and returns their logits."""
 
@@ -29,6 +35,7 @@ class DecoderSession:
         self.manifest = read_manifest(self.directory)
         self.info = ModelInfo.from_dict(self.manifest["model"])
         backend = get_backend(ep)
+        self.threads = threads  # None: ORT picks the count (physical cores) and pins the threads
         try:
             self.session = ort.InferenceSession(
                 str(self.directory / MODEL_FILE),
@@ -63,13 +70,25 @@ class DecoderSession:
         batch, seq = token_ids.shape
         past = cache.length
         cache.check_room(seq)
-        io = self.session.io_binding()
+        io = self._binding(cache)
         io.bind_cpu_input("input_ids", np.ascontiguousarray(token_ids, dtype=np.int64))
         if "attention_mask" in self.input_names:
             io.bind_cpu_input("attention_mask", np.ones((batch, past + seq), np.int64))
         if "position_ids" in self.input_names:
             positions = np.arange(past, past + seq, dtype=np.int64)
             io.bind_cpu_input("position_ids", np.broadcast_to(positions, (batch, seq)).copy())
+        logits = np.empty((batch, seq, self.info.vocab_size), np.float32)  # (batch, seq, vocab)
+        io.bind_ortvalue_output("logits", ort_value(logits))  # ORT writes straight into this array
+        self.session.run_with_iobinding(io)
+        cache.advance(None if cache.shared else io.get_outputs()[1:], seq)
+        return logits
+
+    def _binding(self, cache: KVCache):
+        """The IO binding for this step. A shared cache keeps one, its buffers bound once as past and present;
+        a growing cache binds the last step's presents as this step's past."""
+        if cache.shared and cache.binding is not None:
+            return cache.binding
+        io = self.session.io_binding()
         for name, value in zip(self.kv_input_names, cache.values):
             io.bind_ortvalue_input(name, value)
         io.bind_output("logits", "cpu")
@@ -78,7 +97,6 @@ class DecoderSession:
                 io.bind_ortvalue_output(name, value)  # the same buffer as the past: written in place
             else:
                 io.bind_output(name, "cpu")
-        self.session.run_with_iobinding(io)
-        outputs = dict(zip(["logits", *self.kv_output_names], io.get_outputs()))
-        cache.advance(None if cache.shared else [outputs[n] for n in self.kv_output_names], seq)
-        return outputs["logits"].numpy()
+        if cache.shared:
+            cache.binding = io
+        return io

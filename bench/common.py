@@ -1,0 +1,75 @@
+"""Helpers shared by the bench scripts: machine description, docs section writing, genai timing."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS_MD = ROOT / "docs" / "benchmarks.md"
+GPL3 = Path("/usr/share/common-licenses/GPL-3")
+
+
+def machine() -> str:
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+    flags = fields.get("Flags", "")
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    if "avx512_vnni" in flags or "avx_vnni" in flags:
+        isa += " + VNNI"
+    return (f"{fields.get('Model name', '?').strip()}, {os.cpu_count()} logical CPUs ({isa}), "
+            f"{platform.python_implementation()} {platform.python_version()}")
+
+
+def write_section(name: str, body: str, path: Path = BENCHMARKS_MD) -> None:
+    """Replace the text between `<!-- name:start -->` and `<!-- name:end -->` in docs/benchmarks.md."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    head, rest = path.read_text().split(start, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{start}\n{body}\n{end}{tail}")
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file())
+
+
+def genai_model(directory: Path, threads: int):
+    """An onnxruntime-genai model with the given intra-op threads."""
+    import json
+
+    import onnxruntime_genai as og
+
+    config = og.Config(str(directory))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    return og.Model(config)
+
+
+def genai_generation(model, prompt: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
+    """(ttft s, decode tok/s, tokens) with the definitions of onnxlm/runtime/bench.py."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new_tokens, min_length=len(prompt) + new_tokens)
+    generator = og.Generator(model, params)
+    start = time.perf_counter()
+    generator.append_tokens(prompt)  # the prompt's forward pass
+    times = []
+    while not generator.is_done():
+        generator.generate_next_token()  # call 1 picks from the prompt's logits; each later call runs one step
+        times.append(time.perf_counter())
+    tokens = [int(t) for t in generator.get_sequence(0)][len(prompt):]
+    return times[0] - start, (len(times) - 1) / (times[-1] - times[0]), tokens
+
+
+def genai_prefill(model, prompt: list[int]) -> float:
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + 1)
+    generator = og.Generator(model, params)
+    start = time.perf_counter()
+    generator.append_tokens(prompt)
+    return time.perf_counter() - start
