@@ -58,6 +58,14 @@ def counted(description: str) -> Iterator:
         yield lambda done, total: progress.update(task, completed=done, total=total)
 
 
+def emit(result: dict, as_json: bool, text: str) -> None:
+    """A command's result: one JSON object with --json, else one human-readable line."""
+    if as_json:
+        out.print_json(json.dumps(result))
+    else:
+        out.print(text)
+
+
 @app.command()
 def optimize(
     model: Annotated[str, typer.Argument(help="HF checkpoint dir, .gguf file, decoder .onnx, or the alias "
@@ -111,11 +119,8 @@ def evaluate(
     art = load(directory, threads=threads)
     with counted("scoring windows") as advance:
         result = art.perplexity(text, max_tokens=max_tokens, window=window, on_window=advance)
-    if as_json:
-        out.print_json(json.dumps(result))
-    else:
-        out.print(f"perplexity {result['ppl']:.4f} over {result['tokens']} tokens "
-                  f"({result['windows']} windows of {window}) in {result['seconds']:.1f} s")
+    emit(result, as_json, f"perplexity {result['ppl']:.4f} over {result['tokens']} tokens "
+                          f"({result['windows']} windows of {window}) in {result['seconds']:.1f} s")
 
 
 @app.command()
@@ -131,11 +136,9 @@ def bench(
     art = load(directory, threads=threads)
     with counted("benchmark runs") as advance:
         result = art.bench(runs=runs, on_run=advance)
-    if as_json:
-        out.print_json(json.dumps(result))
-    else:
-        out.print(f"TTFT {result['ttft_s'] * 1000:.1f} ms | decode {result['decode_tok_s']:.1f} tok/s | "
-                  f"prefill-512 {result['prefill512_s']:.3f} s | {result['threads'] or 'auto'} threads, median of {runs}")
+    emit(result, as_json, f"TTFT {result['ttft_s'] * 1000:.1f} ms | decode {result['decode_tok_s']:.1f} tok/s | "
+                          f"prefill-512 {result['prefill512_s']:.3f} s | {result['threads'] or 'auto'} threads, "
+                          f"median of {runs}")
 
 
 @app.command()

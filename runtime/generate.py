@@ -18,7 +18,7 @@ def prefill(model: DecoderSession, cache: KVCache, prompt_ids: list[int]) -> np.
 
 
 def decode_one_token(model: DecoderSession, cache: KVCache, token: int) -> np.ndarray:
-    """Run one token; return its logits, (vocab,)."""
+    """Run one token; return its logits, (vocab,): a view of the cache's buffer, valid until its next step."""
     logits = model.step(np.asarray([[token]], np.int64), cache)  # (1, 1, vocab)
     return logits[0, -1]
 

@@ -23,6 +23,7 @@ class KVCache:
     length: int  # positions already in the cache
     capacity: int | None  # None: growing layout; else the shared buffer's length
     binding: Any = None  # shared layout: the session's IO binding with these buffers bound as past and present
+    decode_logits: Any = None  # (batch, 1, vocab) float32, reused by every decode step of this cache
 
     @classmethod
     def empty(cls, names: list[str], batch: int, kv_heads: int, head_dim: int,

@@ -65,7 +65,8 @@ class DecoderSession:
     def step(self, token_ids: np.ndarray, cache: KVCache) -> np.ndarray:
         """Run `token_ids` (batch, seq) at positions cache.length.. and advance the cache.
 
-        Returns logits (batch, seq, vocab) as float32.
+        Returns logits (batch, seq, vocab) as float32. For a decode step (seq == 1) the array is the cache's own
+        buffer, overwritten by its next decode step: copy it to keep it.
         """
         batch, seq = token_ids.shape
         past = cache.length
@@ -77,11 +78,17 @@ class DecoderSession:
         if "position_ids" in self.input_names:
             positions = np.arange(past, past + seq, dtype=np.int64)
             io.bind_cpu_input("position_ids", np.broadcast_to(positions, (batch, seq)).copy())
-        logits = np.empty((batch, seq, self.info.vocab_size), np.float32)  # (batch, seq, vocab)
-        io.bind_ortvalue_output("logits", ort_value(logits))  # ORT writes straight into this array
+        if seq == 1:  # decode: ORT writes into the cache's buffer; no allocation, no copy
+            if cache.decode_logits is None or cache.decode_logits.shape[0] != batch:
+                cache.decode_logits = np.empty((batch, 1, self.info.vocab_size), np.float32)  # (batch, 1, vocab)
+            logits = cache.decode_logits
+            io.bind_ortvalue_output("logits", ort_value(logits))
+        else:  # prefill: ORT's arena reuses its memory across requests; a fresh 100 MB array would page-fault
+            io.bind_output("logits", "cpu")
         self.session.run_with_iobinding(io)
-        cache.advance(None if cache.shared else io.get_outputs()[1:], seq)
-        return logits
+        outputs = io.get_outputs()  # [logits, *presents] in binding order
+        cache.advance(None if cache.shared else outputs[1:], seq)
+        return logits if seq == 1 else outputs[0].numpy()
 
     def _binding(self, cache: KVCache):
         """The IO binding for this step. A shared cache keeps one, its buffers bound once as past and present;

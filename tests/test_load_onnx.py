@@ -8,12 +8,17 @@ import onnxlm
 from onnxlm.runtime.generate import prefill
 
 
+def copy_export(artifact, destination):
+    """An Optimum-style export directory (graph, weights, tokenizer) made from a plain artifact."""
+    destination.mkdir()
+    for name in ("model.onnx", "model.onnx.data", "tokenizer.json"):
+        shutil.copy(artifact.directory / name, destination / name)
+    return destination
+
+
 def test_optimize_from_an_existing_onnx_decoder(tiny_artifacts, tiny_hf_dir, tmp_path):
     plain = tiny_artifacts("fp32-plain")
-    source = tmp_path / "exported"
-    source.mkdir()
-    for name in ("model.onnx", "model.onnx.data", "tokenizer.json"):
-        shutil.copy(plain.directory / name, source / name)
+    source = copy_export(plain, tmp_path / "exported")
     shutil.copy(tiny_hf_dir / "config.json", source / "config.json")
 
     art = onnxlm.optimize(str(source / "model.onnx"), recipe="fp32", output=tmp_path / "lowered")
@@ -29,11 +34,7 @@ def test_optimize_from_an_existing_onnx_decoder(tiny_artifacts, tiny_hf_dir, tmp
 def test_onnx_source_without_config_is_a_clear_error(tiny_artifacts, tmp_path, capsys):
     from cli_helpers import run_cli
 
-    plain = tiny_artifacts("fp32-plain")
-    source = tmp_path / "exported"
-    source.mkdir()
-    for name in ("model.onnx", "model.onnx.data", "tokenizer.json"):
-        shutil.copy(plain.directory / name, source / name)
+    source = copy_export(tiny_artifacts("fp32-plain"), tmp_path / "exported")
     code, _, err = run_cli(capsys, "optimize", source / "model.onnx", "-o", tmp_path / "out")
     assert code == 2 and err.startswith("error: no config.json next to")
     assert not (tmp_path / "out").exists()

@@ -27,7 +27,7 @@ def test_logits_match_transformers(smollm2_artifact, smollm2_torch):
     cache = smollm2_artifact.session.new_cache()
     ours = [prefill(smollm2_artifact.session, cache, ids[:-4])]
     for token in ids[-4:]:
-        ours.append(decode_one_token(smollm2_artifact.session, cache, token))
+        ours.append(decode_one_token(smollm2_artifact.session, cache, token).copy())
     ref = torch_logits(smollm2_torch.torch_model, ids)[-5:]
     np.testing.assert_allclose(np.stack(ours), ref, atol=1e-3, rtol=0)
 

@@ -13,7 +13,7 @@ def test_prefill_and_decode_logits_match_transformers(tiny_any_artifact, tiny_to
     cache = art.session.new_cache(capacity=64)
     ours = [prefill(art.session, cache, ids[:6])]
     for token in ids[6:8]:
-        ours.append(decode_one_token(art.session, cache, token))
+        ours.append(decode_one_token(art.session, cache, token).copy())
     ours.append(art.session.step(np.asarray([ids[8:]]), cache)[0, -1])  # a multi-token chunk after a past
     ref = torch_logits(tiny_torch, ids)[[5, 6, 7, len(ids) - 1]]
     assert cache.length == len(ids)
