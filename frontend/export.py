@@ -15,6 +15,7 @@ match nothing, duplicates the tied embedding, and peaks at about 3 GiB RSS (shar
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 from onnxlm.errors import OnnxlmError
@@ -77,6 +78,8 @@ def export_decoder(model, info: ModelInfo):
     b, s, t, p = Dim("batch"), Dim("seq"), Dim("total"), Dim("past")
     dynamic_shapes = ({0: b, 1: s}, {0: b, 1: t}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in pasts))
     input_names, output_names = io_names(info.num_layers)
+    # The exporter logs a warning per torchvision op it cannot register; we export no vision ops.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:

@@ -5,6 +5,8 @@ The quantized blocks stay in the file at `Source.path`; transformers gives us th
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 from onnxlm.errors import OnnxlmError
@@ -68,9 +70,11 @@ def load_gguf(path: Path) -> Source:
     import transformers
 
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=torch.float32
-        )
+        # transformers draws a tqdm bar of its own while dequantizing; onnxlm shows its own progress.
+        with contextlib.redirect_stderr(io.StringIO()):
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, dtype=torch.float32
+            )
         hf_tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as exc:
         raise OnnxlmError(f"cannot load GGUF model {path}: {exc}") from None
