@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import onnxlm  # noqa: E402
 from onnxlm.runtime.bench import NEW_TOKENS, PREFILL_TOKENS, PROMPT_TOKENS, bench_prompt, time_generation, time_prefill  # noqa: E402
 
-from common import GPL3, ROOT, dir_size, machine, write_section  # noqa: E402
+from common import GPL3, ROOT, dir_size, machine, publish  # noqa: E402
 
 
 class TimingStreamer:
@@ -136,12 +136,9 @@ def main() -> None:
         f"Decode speed-up: **{ratio:.2f}x** transformers. PPL difference: "
         f"{abs(ppl['onnxlm'] / ppl['transformers'] - 1) * 100:.4f}% "
         f"(tokenizer: the GGUF's `smollm` pre-tokenizer, {len(ids)} tokens scored in windows).",
-        "",
-        f"Command: `python bench/bench_foundation.py --recipe {args.recipe} --runs {args.runs} --threads {args.threads}`",
     ]
-    table = "\n".join(lines)
-    print(table)
-    write_section("foundation", table)
+    publish("foundation", lines,
+            f"python bench/bench_foundation.py --recipe {args.recipe} --runs {args.runs} --threads {args.threads}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import onnxlm  # noqa: E402
 from onnxlm.runtime.bench import NEW_TOKENS, PREFILL_TOKENS, PROMPT_TOKENS, bench_prompt, time_generation, time_prefill  # noqa: E402
 from onnxlm.runtime.generate import generate_tokens  # noqa: E402
 
-from common import GPL3, ROOT, dir_size, genai_generation, genai_model, genai_prefill, machine, write_section  # noqa: E402
+from common import GPL3, ROOT, dir_size, genai_generation, genai_model, genai_prefill, machine, publish  # noqa: E402
 
 CACHE = ROOT / "bench" / ".cache"
 
@@ -142,12 +142,8 @@ def main() -> None:
         f"- Size: " + ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in sizes.items()) + ".",
         f"- onnxlm `fp32` ops: " + ", ".join(f"{k.split('::')[-1]} {v}" for k, v in ops.items() if v > 1) + ".",
         f"- genai fp32 ops: " + ", ".join(f"{k} {v}" for k, v in genai_ops.items() if v > 1) + ".",
-        "",
-        f"Command: `python bench/bench_lowering.py --runs {args.runs} --threads {args.threads}`",
     ]
-    table = "\n".join(lines)
-    print(table)
-    write_section("lowering", table)
+    publish("lowering", lines, f"python bench/bench_lowering.py --runs {args.runs} --threads {args.threads}")
 
 
 if __name__ == "__main__":

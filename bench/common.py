@@ -32,6 +32,13 @@ def write_section(name: str, body: str, path: Path = BENCHMARKS_MD) -> None:
     path.write_text(f"{head}{start}\n{body}\n{end}{tail}")
 
 
+def publish(section: str, lines: list[str], command: str) -> None:
+    """Print a result table and write it, with the command that made it, into docs/benchmarks.md."""
+    table = "\n".join([*lines, "", f"Command: `{command}`"])
+    print(table)
+    write_section(section, table)
+
+
 def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file())
 

@@ -45,9 +45,8 @@ class DecoderSession:
         except Exception as exc:
             raise OnnxlmError(f"ONNX Runtime cannot load {self.directory / MODEL_FILE}: {exc}") from None
         self.input_names = {i.name for i in self.session.get_inputs()}
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        self.kv_input_names = [n for n in self._ordered_kv("past_key_values.{}.{}")]
-        self.kv_output_names = [n for n in self._ordered_kv("present.{}.{}")]
+        self.kv_input_names = self._ordered_kv("past_key_values.{}.{}")
+        self.kv_output_names = self._ordered_kv("present.{}.{}")
         # GQA reads lengths from position_ids, not from the past's shape, so it can share one buffer.
         self.shared_kv = "com.microsoft::GroupQueryAttention" in self.manifest.get("op_histogram", {})
 
@@ -86,6 +85,9 @@ class DecoderSession:
         else:  # prefill: ORT's arena reuses its memory across requests; a fresh 100 MB array would page-fault
             io.bind_output("logits", "cpu")
         self.session.run_with_iobinding(io)
+        if cache.shared and seq == 1:  # the hot path: nothing to fetch, the buffers were written in place
+            cache.advance(None, seq)
+            return logits
         outputs = io.get_outputs()  # [logits, *presents] in binding order
         cache.advance(None if cache.shared else outputs[1:], seq)
         return logits if seq == 1 else outputs[0].numpy()
