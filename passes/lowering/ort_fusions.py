@@ -17,7 +17,7 @@ from onnxlm.passes.base import Pass, PassContext
 
 @dataclasses.dataclass
 class FusionOptions:
-    # "layers" = one match per decoder layer; "none" = no expectation; an int = exactly that many.
+    # "layers": the per-layer count times num_layers; "none": no expectation; a count such as "30": exactly that.
     expect: str = "none"
 
 
