@@ -87,7 +87,7 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def write_artifact(output: Path, model, source, recipe, reports, on_step=None) -> Path:
+def write_artifact(output: Path, model, source, recipe, reports) -> Path:
     """Write graph, tokenizer, recipe and manifest into `output`, atomically."""
     import onnx_ir as ir
 
@@ -96,8 +96,6 @@ def write_artifact(output: Path, model, source, recipe, reports, on_step=None) -
     from onnxlm.passes.cleanup import op_histogram
 
     with atomic_directory(output) as staging:
-        if on_step:
-            on_step("saving model.onnx")
         model.producer_name, model.producer_version = "onnxlm", __version__
         ir.save(model, staging / MODEL_FILE, external_data=DATA_FILE)
         source.tokenizer.save(str(staging / "tokenizer.json"))

@@ -29,7 +29,7 @@ app = typer.Typer(
 err = Console(stderr=True)
 out = Console(soft_wrap=True)  # long lines (pipelines, paths) stay whole for grep
 
-Threads = Annotated[Optional[int], typer.Option(min=1, help="Intra-op threads (default: all cores).")]
+Threads = Annotated[Optional[int], typer.Option(min=1, help="Intra-op threads (default: ORT's choice, one per physical core, pinned).")]
 
 
 @contextlib.contextmanager

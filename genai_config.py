@@ -1,15 +1,12 @@
 """genai_config.json: the file that lets onnxruntime-genai run an artifact with no onnxlm installed.
 
 Field names follow onnxruntime-genai's config (model.decoder inputs/outputs, search options). The KV buffer is
-shared between past and present exactly when the graph attends with GroupQueryAttention, which reads lengths
-from position_ids; the plain export concatenates and cannot share.
+shared between past and present exactly when the graph can share it (model_info.shares_kv_buffer).
 """
 
 from __future__ import annotations
 
-from onnxlm.model_info import ModelInfo
-
-GQA_OP = "com.microsoft::GroupQueryAttention"
+from onnxlm.model_info import ModelInfo, shares_kv_buffer
 
 
 def genai_config(info: ModelInfo, op_histogram: dict[str, int], model_file: str = "model.onnx") -> dict:
@@ -50,7 +47,7 @@ def genai_config(info: ModelInfo, op_histogram: dict[str, int], model_file: str 
             "num_return_sequences": 1,
             "min_length": 0,
             "max_length": info.context_length,
-            "past_present_share_buffer": GQA_OP in op_histogram,
+            "past_present_share_buffer": shares_kv_buffer(op_histogram),
             "top_k": 1,
             "top_p": 1.0,
             "temperature": 1.0,

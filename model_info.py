@@ -22,6 +22,12 @@ def check_architecture(arch: str | None) -> str:
     return arch
 
 
+def shares_kv_buffer(op_histogram: dict[str, int]) -> bool:
+    """Whether one buffer can be both past and present: GroupQueryAttention reads lengths from position_ids,
+    not from the past's shape. The plain export concatenates past and new K/V and cannot share."""
+    return "com.microsoft::GroupQueryAttention" in op_histogram
+
+
 @dataclasses.dataclass
 class ModelInfo:
     """The facts about a decoder that the passes, the manifest and the runtime need."""

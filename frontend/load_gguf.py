@@ -47,13 +47,13 @@ def gguf_tokenizer(converted, meta: dict):
     from tokenizers import Tokenizer
 
     spec = json.loads(converted.to_str())
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
     if meta.get("tokenizer.ggml.model") == "gpt2":
         spec["normalizer"] = None
         spec["post_processor"] = None  # no BOS is added; the runtime adds it when add_bos_token says so
-        spec["decoder"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+        spec["decoder"] = byte_level
         spec["model"]["byte_fallback"] = False
         spec["model"]["fuse_unk"] = False
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
     if meta.get("tokenizer.ggml.pre") in ("smollm", "starcoder", "refact"):
         spec["pre_tokenizer"] = {
             "type": "Sequence",

@@ -17,7 +17,7 @@ PASSES: dict[str, type[Pass]] = {
     cls.name: cls
     for cls in [
         Cleanup,
-            FuseRmsNorm,
+        FuseRmsNorm,
         FuseSkipRmsNorm,
         FuseRotary,
         FuseGroupQueryAttention,

@@ -15,7 +15,7 @@ import numpy as np
 from onnxlm.artifact import MODEL_FILE, read_manifest
 from onnxlm.backends import get_backend
 from onnxlm.errors import OnnxlmError
-from onnxlm.model_info import ModelInfo
+from onnxlm.model_info import ModelInfo, shares_kv_buffer
 from onnxlm.runtime.kv_cache import KVCache
 
 
@@ -47,8 +47,7 @@ class DecoderSession:
         self.input_names = {i.name for i in self.session.get_inputs()}
         self.kv_input_names = self._ordered_kv("past_key_values.{}.{}")
         self.kv_output_names = self._ordered_kv("present.{}.{}")
-        # GQA reads lengths from position_ids, not from the past's shape, so it can share one buffer.
-        self.shared_kv = "com.microsoft::GroupQueryAttention" in self.manifest.get("op_histogram", {})
+        self.shared_kv = shares_kv_buffer(self.manifest.get("op_histogram", {}))
 
     def _ordered_kv(self, fmt: str) -> list[str]:
         return [fmt.format(i, kind) for i in range(self.info.num_layers) for kind in ("key", "value")]
