@@ -22,8 +22,14 @@ def optimize(
     output: str | Path = "out/fp32",
     ep: str = "cpu",
     progress: Progress | None = None,
+    overrides: dict[str, dict] | None = None,
+    calibration: str | Path | None = None,
 ) -> Artifact:
-    """Load `model`, export it, run the recipe's passes, lower for `ep`, and write the artifact to `output`."""
+    """Load `model`, export it, run the recipe's passes, lower for `ep`, and write the artifact to `output`.
+
+    `overrides` sets options of the recipe's passes by pass name, e.g. {"quant_nested": {"budget_bits": 4.5}};
+    `calibration` is a UTF-8 text file for calibrating passes and lossy-pass PPL reports (default: a short
+    English text shipped with onnxlm)."""
     from onnxlm.artifact import check_output_dir, write_artifact
     from onnxlm.backends import get_backend
     from onnxlm.passes.base import PassContext
@@ -34,8 +40,9 @@ def optimize(
     output = Path(output)
     # Everything that can be checked cheaply is checked before the slow work starts.
     check_output_dir(output)
-    the_recipe = load_recipe(recipe)
+    the_recipe = apply_overrides(load_recipe(recipe), overrides or {})
     backend = get_backend(ep)
+    calibration_text = read_text(Path(calibration) if calibration else CALIBRATION_TEXT)
 
     say(f"loading {model}")
     from onnxlm.frontend import load_source
@@ -49,12 +56,38 @@ def optimize(
         graph = export_decoder(source.torch_model, source.info)
         source.torch_model = None  # free the torch weights before the passes run
     with tempfile.TemporaryDirectory(prefix="onnxlm-") as scratch:
-        ctx = PassContext(info=source.info, source=source.describe(), scratch=Path(scratch))
+        ctx = PassContext(info=source.info, source=source.describe(), scratch=Path(scratch),
+                          calibration_ids=source.tokenizer.encode(calibration_text).ids,
+                          quantized_tensors=source.quantized_tensors)
         reports = run_pipeline(graph, the_recipe, ctx, on_pass=lambda name: say(f"pass {name}"))
         backend.lower(graph)
         say(f"writing {output}")
         write_artifact(output, graph, source, the_recipe, reports)
     return load(output)
+
+
+CALIBRATION_TEXT = Path(__file__).parent / "passes" / "data" / "calibration.txt"
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OnnxlmError(f"cannot read text file {path}: {exc}") from None
+
+
+def apply_overrides(recipe, overrides: dict[str, dict]):
+    """A copy of `recipe` with options set on its passes by name; an override for a pass it lacks is an error."""
+    from onnxlm.passes.recipe import Recipe
+    from onnxlm.passes.registry import make_pass
+
+    if not overrides:
+        return recipe
+    missing = [name for name in overrides if name not in {p.name for p in recipe.passes}]
+    if missing:
+        raise OnnxlmError(f"recipe '{recipe.name}' has no pass {', '.join(missing)} to take that option")
+    passes = [make_pass({**p.to_dict(), **overrides.get(p.name, {})}) for p in recipe.passes]
+    return Recipe(recipe.name, recipe.description, passes)
 
 
 def load(directory: str | Path, threads: int | None = None, ep: str = "cpu") -> Artifact:
@@ -107,10 +140,7 @@ class Artifact:
         if (path is None) == (text is None):
             raise OnnxlmError("give either a text file path or text=, not both")
         if path is not None:
-            try:
-                text = Path(path).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise OnnxlmError(f"cannot read text file {path}: {exc}") from None
+            text = read_text(Path(path))
         if max_tokens < 2:
             raise OnnxlmError(f"max_tokens must be at least 2, got {max_tokens}")
         ids = self.tokenizer.encode(text, add_bos=False)[:max_tokens]

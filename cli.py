@@ -66,6 +66,20 @@ def emit(result: dict, as_json: bool, text: str) -> None:
         out.print(text)
 
 
+def check_summary(check: dict) -> str:
+    """A pass report's check on one line: the logit bound of a lossless pass, the PPL cost of a lossy one."""
+    if "max_abs_logit_diff" in check:
+        return f"|dlogit| {check['max_abs_logit_diff']:.2e} <= {check['tolerance']:.2e}"
+    if check.get("ppl_after") is not None:
+        text = f"PPL {check['ppl_before']:.3f} -> {check['ppl_after']:.3f} on {check['ppl_tokens']} calibration tokens"
+        if check.get("weight_rel_error") is not None:
+            text += f", weight error {check['weight_rel_error']:.4f}"
+        if check.get("bytes_after"):
+            text += f", {check['bytes_before'] / 1e6:.0f} -> {check['bytes_after'] / 1e6:.0f} MB"
+        return text
+    return "lossy"
+
+
 @app.command()
 def optimize(
     model: Annotated[str, typer.Argument(help="HF checkpoint dir, .gguf file, decoder .onnx, or the alias "
@@ -73,16 +87,21 @@ def optimize(
     output: Annotated[Path, typer.Option("--output", "-o", help="Artifact directory to write.")] = ...,
     recipe: Annotated[str, typer.Option(help="Built-in recipe name (see `onnxlm recipes`) or a recipe .json file.")] = "fp32",
     ep: Annotated[str, typer.Option(help="Execution provider to lower for.")] = "cpu",
+    budget_bits: Annotated[Optional[float], typer.Option(
+        min=2.0, max=8.0, help="Average code bits per decoder weight for the `nested` recipe's per-layer choice.")] = None,
+    calibration: Annotated[Optional[Path], typer.Option(
+        help="UTF-8 text for calibration and lossy-pass PPL reports (default: a text shipped with onnxlm).")] = None,
 ):
     """Export MODEL, run a recipe of passes over it, and write a self-contained artifact to OUTPUT."""
     from onnxlm.api import optimize as run_optimize
 
+    overrides = {"quant_nested": {"budget_bits": budget_bits}} if budget_bits is not None else {}
     with steps() as say:
-        art = run_optimize(model, recipe=recipe, output=output, ep=ep, progress=say)
+        art = run_optimize(model, recipe=recipe, output=output, ep=ep, progress=say, overrides=overrides,
+                           calibration=calibration)
     for report in art.manifest["passes"]:
-        check = report["check"].get("max_abs_logit_diff")
-        checked = f", max |dlogit| {check:.2e}" if check is not None else ""
-        err.print(f"  {report['name']}: {report['nodes_before']} -> {report['nodes_after']} nodes{checked}")
+        err.print(f"  {report['name']}: {report['nodes_before']} -> {report['nodes_after']} nodes, "
+                  f"{check_summary(report['check'])}")
     err.print(f"wrote {output}")
 
 
@@ -162,8 +181,7 @@ def inspect(
     out.print(f"recipe: {recipe['name']}: {' -> '.join(p['pass'] for p in recipe['passes']) or '(none)'}")
     passes = Table("pass", "nodes", "seconds", "check", "matched / notes", title="passes")
     for r in manifest["passes"]:
-        check = r["check"]
-        check_text = f"|dlogit| {check['max_abs_logit_diff']:.2e} <= {check['tolerance']:.2e}" if check else "lossy"
+        check_text = check_summary(r["check"])
         matched = ", ".join(f"{k} {v}" for k, v in r["matched"].items())
         passes.add_row(r["name"], f"{r['nodes_before']} -> {r['nodes_after']}", f"{r['seconds']:.1f}", check_text,
                        "; ".join(filter(None, [matched, *r["notes"]])))

@@ -30,6 +30,14 @@ class Source:
     torch_model: Any = None
     onnx_model: Any = None  # onnx_ir.Model for kind == "onnx"
 
+    def quantized_tensors(self) -> dict | None:
+        """A GGUF source's block-quantized tensors (frontend/gguf_blocks.py), read now; None for other kinds."""
+        if self.kind != "gguf":
+            return None
+        from onnxlm.frontend.gguf_blocks import read_quantized_tensors
+
+        return read_quantized_tensors(self.path)
+
     def describe(self) -> dict:
         return {"kind": self.kind, "path": str(self.path), "sha256": self.sha256}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -18,11 +19,20 @@ from onnxlm.model_info import ModelInfo
 
 @dataclasses.dataclass
 class PassContext:
-    """What a pass may read besides the graph: model facts, the source (e.g. a GGUF path), a scratch dir."""
+    """What a pass may read besides the graph: model facts, the source, a scratch dir, calibration text.
+
+    `calibration_ids` are token ids of real text: calibrating passes read activations on them, and the manager
+    scores every lossy pass's PPL on them. `quantized_tensors` returns the source's block-quantized tensors
+    (GGUF only, read by the frontend on demand), else None. A pass records its own measurements (weight error,
+    sizes) in `metrics`; the manager moves them into the pass's report.
+    """
 
     info: ModelInfo
     source: dict
     scratch: Path
+    calibration_ids: list[int] = dataclasses.field(default_factory=list)
+    quantized_tensors: Callable[[], dict] | None = None
+    metrics: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -36,7 +46,7 @@ class PassReport:
     nodes_before: int
     nodes_after: int
     seconds: float
-    check: dict  # {"max_abs_logit_diff": x, "tolerance": bound} for lossless passes, else {}
+    check: dict  # lossless: {"max_abs_logit_diff", "tolerance"}; lossy: {"ppl_before", "ppl_after", metrics...}
     notes: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:

@@ -2,7 +2,8 @@
 
 After every pass: the onnx checker and an ONNX Runtime session must accept the graph, and the logits on a fixed
 probe input are computed. A lossless pass must keep them within atol + rtol * max|logit| of the graph before it,
-or the pipeline stops with an error and nothing is written.
+or the pipeline stops with an error and nothing is written. A lossy pass reports its cost instead: the PPL on
+the calibration text before and after it, plus what the pass measured itself (weight error, sizes).
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ import numpy as np
 from onnxlm.errors import OnnxlmError
 from onnxlm.model_info import ModelInfo
 from onnxlm.passes.base import PassContext, PassReport
+from onnxlm.passes.evaluate import open_session, probe_logits, session_perplexity
 from onnxlm.passes.recipe import Recipe
-
-PROBE_PAST, PROBE_SEQ = 3, 4
 
 # ORT contrib ops that live in the default ONNX domain; the onnx checker has no schema for them, so a graph with
 # them is checked by ORT session creation alone.
@@ -35,44 +35,20 @@ def onnx_check(path: Path) -> None:
             raise
 
 
-def probe_logits(session, info: ModelInfo) -> np.ndarray:
-    """Logits of random tokens in two steps: a prefill of 3 tokens from an empty cache, then 4 more tokens on
-    the cache it produced. Both the no-past and the with-past paths are exercised, on realistic K/V values."""
-    rng = np.random.default_rng(0)
-    names = [i.name for i in session.get_inputs()]
-    outputs = [o.name for o in session.get_outputs()]
-    past = {n: np.zeros((1, info.num_kv_heads, 0, info.head_dim), np.float32)  # (batch, kv_heads, 0, head_dim)
-            for n in names if n.startswith("past_key_values.")}
-    start = 0
-    for seq in (PROBE_PAST, PROBE_SEQ):
-        feeds = {"input_ids": rng.integers(0, info.vocab_size, (1, seq), dtype=np.int64), **past}
-        if "attention_mask" in names:
-            feeds["attention_mask"] = np.ones((1, start + seq), np.int64)
-        if "position_ids" in names:
-            feeds["position_ids"] = np.arange(start, start + seq, dtype=np.int64)[None]
-        unknown = set(names) - set(feeds)
-        if unknown:
-            raise OnnxlmError(f"the graph has inputs the probe does not know: {sorted(unknown)}")
-        result = dict(zip(outputs, session.run(outputs, feeds)))
-        past = {n: result[n.replace("past_key_values.", "present.")] for n in past}
-        start += seq
-    return result["logits"]  # (1, PROBE_SEQ, vocab)
-
-
-def check_graph(model, info: ModelInfo, scratch: Path) -> np.ndarray:
-    """Save, run the onnx checker, create an ORT session, and return the probe logits (1, seq, vocab)."""
+def check_graph(model, info: ModelInfo, scratch: Path, text_ids: list[int] | None = None
+                ) -> tuple[np.ndarray, float | None]:
+    """Save, run the onnx checker, create an ORT session; return the probe logits (1, seq, vocab) and, when
+    `text_ids` are given, the PPL on them."""
     import onnx_ir as ir
-    import onnxruntime as ort
 
     scratch.mkdir(parents=True, exist_ok=True)
     path = scratch / "check.onnx"
     ir.save(model, path, external_data="check.onnx.data")
     try:
         onnx_check(path)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # intermediate graphs may carry dead initializers; that is not news
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        return probe_logits(session, info)
+        session = open_session(path)
+        ppl = session_perplexity(session, info, text_ids) if text_ids else None
+        return probe_logits(session, info), ppl
     except OnnxlmError:
         raise
     except Exception as exc:
@@ -82,18 +58,26 @@ def check_graph(model, info: ModelInfo, scratch: Path) -> np.ndarray:
 def run_pipeline(
     model, recipe: Recipe, ctx: PassContext, on_pass: Callable[[str], None] | None = None
 ) -> list[PassReport]:
-    """Apply the recipe's passes to `model` in place and return one report per pass."""
-    reference = check_graph(model, ctx.info, ctx.scratch)
+    """Apply the recipe's passes to `model` in place and return one report per pass.
+
+    When the recipe has a lossy pass, every graph is also scored on the calibration text, so that each lossy
+    pass reports its cost as the PPL before and after it."""
+    text_ids = ctx.calibration_ids if any(not p.lossless for p in recipe.passes) else None
+    reference, ppl = check_graph(model, ctx.info, ctx.scratch, text_ids)
     reports = []
     for p in recipe.passes:
         if on_pass:
             on_pass(p.name)
         nodes_before = len(model.graph)
+        ctx.metrics = {}
         start = time.perf_counter()
         modified, matched, notes = p.run(model, ctx)
         seconds = time.perf_counter() - start
-        logits = check_graph(model, ctx.info, ctx.scratch)
+        logits, ppl_after = check_graph(model, ctx.info, ctx.scratch, text_ids)
         check = {}
+        if not p.lossless:
+            check = {"ppl_before": ppl, "ppl_after": ppl_after, "ppl_tokens": len(text_ids or ()),
+                     **ctx.metrics}
         if p.lossless:
             diff = float(np.abs(logits - reference).max())
             bound = p.atol + p.rtol * float(np.abs(reference).max())
@@ -104,7 +88,7 @@ def run_pipeline(
                 )
         if not modified:
             notes = [*notes, "matched nothing: the graph is unchanged"]
-        reference = logits
+        reference, ppl = logits, ppl_after
         reports.append(
             PassReport(
                 name=p.name,

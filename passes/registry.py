@@ -12,6 +12,10 @@ from onnxlm.passes.lowering.ort_fusions import (
     FuseSkipRmsNorm,
 )
 from onnxlm.passes.lowering.pack_matmuls import PackGateUp, PackQKV
+from onnxlm.passes.quant.dynamic_int8 import QuantDynamicInt8
+from onnxlm.passes.quant.gguf_exact import GgufExact
+from onnxlm.passes.quant.nested import QuantNested
+from onnxlm.passes.quant.weight_only import QuantWeightOnly
 
 PASSES: dict[str, type[Pass]] = {
     cls.name: cls
@@ -23,6 +27,10 @@ PASSES: dict[str, type[Pass]] = {
         FuseGroupQueryAttention,
         PackQKV,
         PackGateUp,
+        QuantWeightOnly,
+        GgufExact,
+        QuantDynamicInt8,
+        QuantNested,
     ]
 }
 

@@ -12,15 +12,8 @@ from collections.abc import Callable
 import numpy as np
 
 from onnxlm.errors import OnnxlmError
+from onnxlm.metrics import window_nll
 from onnxlm.runtime.session import DecoderSession
-
-
-def window_nll(logits: np.ndarray, targets: np.ndarray) -> float:
-    """Summed NLL of `targets` (n,) under `logits` (n, vocab), computed in float64."""
-    logits = logits.astype(np.float64)
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    log_z = np.log(np.exp(shifted).sum(axis=-1))
-    return float((log_z - shifted[np.arange(len(targets)), targets]).sum())
 
 
 def perplexity(

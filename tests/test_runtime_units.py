@@ -6,7 +6,7 @@ import numpy as np
 
 from conftest import build_tiny_tokenizer
 from onnxlm.model_info import ModelInfo
-from onnxlm.runtime.perplexity import window_nll
+from onnxlm.metrics import window_nll
 from onnxlm.runtime.tokenizer import TextTokenizer
 
 

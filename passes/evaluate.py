@@ -1,0 +1,76 @@
+"""Run a graph under plain ONNX Runtime for the pass manager and the calibrating passes: feeds, probe, PPL.
+
+No IO binding and no shared buffers here: each call feeds an empty past and reads the outputs it asks for,
+which works on every graph form (plain, lowered to GroupQueryAttention, quantized).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from onnxlm.errors import OnnxlmError
+from onnxlm.metrics import window_nll
+from onnxlm.model_info import ModelInfo
+
+PROBE_PAST, PROBE_SEQ = 3, 4
+
+
+def feeds_for(session, info: ModelInfo, tokens: np.ndarray, start: int, past: dict | None,
+              fed_elsewhere: set[str] = frozenset()) -> dict:
+    """The inputs of one forward over `tokens` (1, seq) at positions start.., with `past` (name -> array) or an
+    empty cache. `fed_elsewhere`: inputs the caller feeds itself (weights made inputs)."""
+    names = [i.name for i in session.get_inputs()]
+    if past is None:
+        past = {n: np.zeros((1, info.num_kv_heads, 0, info.head_dim), np.float32)  # (batch, kv_heads, 0, hd)
+                for n in names if n.startswith("past_key_values.")}
+    seq = tokens.shape[1]
+    feeds = {"input_ids": tokens.astype(np.int64), **past}
+    if "attention_mask" in names:
+        feeds["attention_mask"] = np.ones((1, start + seq), np.int64)
+    if "position_ids" in names:
+        feeds["position_ids"] = np.arange(start, start + seq, dtype=np.int64)[None]
+    unknown = set(names) - set(feeds) - fed_elsewhere
+    if unknown:
+        raise OnnxlmError(f"the graph has inputs the probe does not know: {sorted(unknown)}")
+    return feeds
+
+
+def probe_logits(session, info: ModelInfo) -> np.ndarray:
+    """Logits of random tokens in two steps: a prefill of 3 tokens from an empty cache, then 4 more tokens on
+    the cache it produced. Both the no-past and the with-past paths are exercised, on realistic K/V values."""
+    rng = np.random.default_rng(0)
+    outputs = [o.name for o in session.get_outputs()]
+    past, start = None, 0
+    for seq in (PROBE_PAST, PROBE_SEQ):
+        tokens = rng.integers(0, info.vocab_size, (1, seq), dtype=np.int64)
+        result = dict(zip(outputs, session.run(outputs, feeds_for(session, info, tokens, start, past))))
+        past = {n.replace("present.", "past_key_values."): v for n, v in result.items() if n.startswith("present.")}
+        start += seq
+    return result["logits"]  # (1, PROBE_SEQ, vocab)
+
+
+def windows_of(ids: list[int], window: int) -> list[list[int]]:
+    return [w for w in (ids[i:i + window] for i in range(0, len(ids), window)) if len(w) >= 2]
+
+
+def session_perplexity(session, info: ModelInfo, ids: list[int], window: int = 512) -> float:
+    """PPL over non-overlapping windows, each from an empty cache (the definition of runtime/perplexity.py)."""
+    nll, scored = 0.0, 0
+    for w in windows_of(ids, window):
+        tokens = np.asarray([w], np.int64)
+        logits = session.run(["logits"], feeds_for(session, info, tokens, 0, None))[0][0]  # (seq, vocab)
+        nll += window_nll(logits[:-1], tokens[0, 1:])
+        scored += len(w) - 1
+    return math.exp(nll / scored)
+
+
+def open_session(path, threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # intermediate graphs may carry dead initializers; that is not news
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

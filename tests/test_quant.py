@@ -1,0 +1,111 @@
+"""Quantization recipes end to end on the tiny model, and the GGUF-exact import's column matching."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxlm.errors import OnnxlmError
+from onnxlm.frontend.gguf_blocks import decode_blocks
+from onnxlm.passes.base import PassContext
+from onnxlm.passes.quant.gguf_exact import GgufExact
+
+
+def quant_report(art) -> dict:
+    return next(r for r in art.manifest["passes"] if r["name"].startswith("quant_") and r["modified"])
+
+
+@pytest.mark.parametrize("recipe, op", [
+    ("int8", "com.microsoft::MatMulNBits"),
+    ("int4-rtn", "com.microsoft::MatMulNBits"),
+    ("int8-dynamic", "MatMulInteger"),
+    ("nested", "com.microsoft::MatMulNBits"),
+    ("int4-calibrated", "com.microsoft::MatMulNBits"),
+])
+def test_quant_recipes_report_their_cost_and_still_generate(tiny_artifacts, recipe, op):
+    art, fp32 = tiny_artifacts(recipe), tiny_artifacts("fp32")
+    report = quant_report(art)
+    check = report["check"]
+    assert check["ppl_before"] > 1 and check["ppl_after"] > 1 and check["ppl_tokens"] > 500
+    assert 0 < check["weight_rel_error"] < 0.5
+    assert check["bytes_after"] < check["bytes_before"]
+    assert art.manifest["op_histogram"].get(op, 0) >= 2 * art.info.num_layers
+    assert art.manifest["op_histogram"].get("com.microsoft::GroupQueryAttention", 0) == 2  # composes with lowering
+    assert sum(art.manifest["files"].values()) < sum(fp32.manifest["files"].values())
+    assert len(list(art.generate_ids(art.prompt_ids("hello"), max_new_tokens=8, ignore_eos=True))) == 8
+
+
+def test_int8_is_closer_to_fp32_than_int4(tiny_artifacts):
+    errors = {r: quant_report(tiny_artifacts(r))["check"]["weight_rel_error"] for r in ("int8", "int4-rtn")}
+    assert errors["int8"] < errors["int4-rtn"] / 4
+
+
+def test_int4_on_a_non_gguf_source_says_so_and_falls_back_to_rtn(tiny_artifacts):
+    passes = {r["name"]: r for r in tiny_artifacts("int4").manifest["passes"]}
+    assert not passes["quant_gguf_exact"]["modified"]
+    assert any("no GGUF block tensors" in n for n in passes["quant_gguf_exact"]["notes"])
+    assert passes["quant_weight_only"]["matched"]["matmul_nbits"] >= 8
+
+
+def test_nested_budget_sets_the_average_bits(tiny_hf_dir, tmp_path):
+    import onnxlm
+
+    art = onnxlm.optimize(str(tiny_hf_dir), recipe="nested", output=tmp_path / "n",
+                          overrides={"quant_nested": {"budget_bits": 3.0}})
+    check = quant_report(art)["check"]
+    assert check["average_bits"] <= 3.0 and set(check["layer_bits"]) <= {2, 4, 8}
+    assert set(check["layer_nll_increase"]["0"]) == {"8", "4", "2"}
+
+
+def test_an_override_for_a_pass_the_recipe_lacks_is_an_error(tiny_hf_dir, tmp_path):
+    import onnxlm
+
+    with pytest.raises(OnnxlmError, match="has no pass quant_nested"):
+        onnxlm.optimize(str(tiny_hf_dir), recipe="fp32", output=tmp_path / "x",
+                        overrides={"quant_nested": {"budget_bits": 3.0}})
+    assert not (tmp_path / "x").exists()
+
+
+def test_gguf_exact_finds_permuted_and_packed_rows_and_reproduces_them(tmp_path):
+    """A linear whose columns are rows of two GGUF tensors (Q4_1 and Q4_1, one permuted, as packed q|k after the
+    HF conversion) becomes MatMulNBits + offset correction; ORT's output equals x @ W."""
+    import gguf
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(3)
+    tensors = {}
+    for name, rows in (("a", 8), ("b", 8)):
+        raw = gguf.quants.quantize(rng.standard_normal((rows, 64)).astype(np.float32), gguf.GGMLQuantizationType.Q4_1)
+        tensors[name] = decode_blocks(name, "Q4_1", raw, rows, 64)
+    perm = rng.permutation(8)
+    w = np.concatenate([tensors["a"].dequantize()[perm], tensors["b"].dequantize()]).T  # [64, 16]
+    x = ir.Value(name="x", shape=ir.Shape([1, 3, 64]), type=ir.TensorType(ir.DataType.FLOAT))
+    weight = ir.Value(name="w", shape=ir.Shape(w.shape), type=ir.TensorType(ir.DataType.FLOAT),
+                      const_value=ir.tensor(np.ascontiguousarray(w)))
+    node = ir.node("MatMul", [x, weight], name="proj")
+    node.outputs[0].name = "y"
+    graph = ir.Graph([x], [node.outputs[0]], nodes=[node], initializers=[weight],
+                     opset_imports={"": 20, "com.microsoft": 1})
+    model = ir.Model(graph, ir_version=10)
+    ctx = PassContext(info=None, source={}, scratch=tmp_path, quantized_tensors=lambda: tensors)
+    modified, matched, notes = GgufExact().run(model, ctx)
+    assert modified and matched == {"matmul_nbits_q4_1": 1} and not notes
+    assert ctx.metrics["weights_bit_identical"]
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    xs = rng.standard_normal((1, 3, 64)).astype(np.float32)
+    np.testing.assert_allclose(session.run(["y"], {"x": xs})[0], xs @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_gguf_exact_leaves_a_weight_it_cannot_match_in_float(tmp_path):
+    import onnx_ir as ir
+
+    x = ir.Value(name="x", shape=ir.Shape([1, 1, 64]), type=ir.TensorType(ir.DataType.FLOAT))
+    w = np.random.default_rng(4).standard_normal((64, 16)).astype(np.float32)
+    weight = ir.Value(name="w", shape=ir.Shape(w.shape), type=ir.TensorType(ir.DataType.FLOAT),
+                      const_value=ir.tensor(w))
+    node = ir.node("MatMul", [x, weight], name="proj")
+    graph = ir.Graph([x], [node.outputs[0]], nodes=[node], initializers=[weight], opset_imports={"": 20})
+    ctx = PassContext(info=None, source={}, scratch=tmp_path, quantized_tensors=lambda: {})
+    modified, _, notes = GgufExact().run(ir.Model(graph, ir_version=10), ctx)
+    assert not modified and "no GGUF block tensors" in notes[0]
