@@ -15,6 +15,7 @@ from onnxlm.passes.lowering.pack_matmuls import PackGateUp, PackQKV
 from onnxlm.passes.quant.dynamic_int8 import QuantDynamicInt8
 from onnxlm.passes.quant.gguf_exact import GgufExact
 from onnxlm.passes.quant.nested import QuantNested
+from onnxlm.passes.quant.tied_embedding import ShareTiedEmbedding
 from onnxlm.passes.quant.weight_only import QuantWeightOnly
 
 PASSES: dict[str, type[Pass]] = {
@@ -31,6 +32,7 @@ PASSES: dict[str, type[Pass]] = {
         GgufExact,
         QuantDynamicInt8,
         QuantNested,
+        ShareTiedEmbedding,
     ]
 }
 

@@ -32,6 +32,9 @@ def test_quant_recipes_report_their_cost_and_still_generate(tiny_artifacts, reci
     assert art.manifest["op_histogram"].get(op, 0) >= 2 * art.info.num_layers
     assert art.manifest["op_histogram"].get("com.microsoft::GroupQueryAttention", 0) == 2  # composes with lowering
     assert sum(art.manifest["files"].values()) < sum(fp32.manifest["files"].values())
+    shared = recipe in ("int8", "int4-rtn", "nested")  # symmetric heads: the embedding reads their blocks
+    assert art.manifest["op_histogram"].get("com.microsoft::GatherBlockQuantized", 0) == int(shared)
+    assert ("Gather" in art.manifest["op_histogram"]) == (not shared)
     assert len(list(art.generate_ids(art.prompt_ids("hello"), max_new_tokens=8, ignore_eos=True))) == 8
 
 

@@ -84,3 +84,40 @@ def test_knapsack_meets_the_budget_and_spends_bits_where_they_matter():
     assert sum(bits[u] * sizes[u] for u in bits) / 300 <= 4.0
     assert bits[0] >= bits[1] and bits[1] == 2  # the insensitive unit goes lowest first
     assert choose_bits(costs, sizes, 8.0) == {0: 8, 1: 8, 2: 8}
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_shared_embedding_rows_equal_the_heads_dequantized_columns(bits, tmp_path):
+    """share_tied_embedding's GatherBlockQuantized reads MatMulNBits' blocks with the same default zero point."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from onnxlm.passes.base import PassContext
+    from onnxlm.passes.quant.tied_embedding import ShareTiedEmbedding
+
+    rng = np.random.default_rng(5)
+    vocab, hidden, block = 48, 64, 32
+    table = rng.standard_normal((vocab, hidden)).astype(np.float32)
+    q8, s8 = int8_codes(table.T, block)  # head weight [hidden, vocab] -> codes [vocab, hidden]
+    codes, scales = slice_codes(q8, s8, bits)
+    ids = ir.Value(name="input_ids", shape=ir.Shape([1, 5]), type=ir.TensorType(ir.DataType.INT64))
+    table_value = ir.Value(name="table", shape=ir.Shape(table.shape), type=ir.TensorType(ir.DataType.FLOAT),
+                           const_value=ir.tensor(table))
+    gather = ir.node("Gather", [table_value, ids], name="embed")
+    graph = ir.Graph([ids], [], nodes=[gather], initializers=[table_value],
+                     opset_imports={"": 20, "com.microsoft": 1})
+    head = matmul_nbits(graph, gather.outputs[0], codes, scales, bits, block, "head", 0)
+    graph.append(head)
+    head.outputs[0].name = "logits"
+    graph.outputs.append(head.outputs[0])
+    embedded = ir.node("Identity", [gather.outputs[0]], name="show")
+    graph.append(embedded)
+    embedded.outputs[0].name = "embedded"
+    graph.outputs.append(embedded.outputs[0])
+    model = ir.Model(graph, ir_version=10)
+    ctx = PassContext(info=None, source={}, scratch=tmp_path)
+    assert ShareTiedEmbedding().run(model, ctx)[0]
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    tokens = np.array([[0, 7, 47, 3, 7]], np.int64)
+    rows = session.run(["embedded"], {"input_ids": tokens})[0][0]
+    np.testing.assert_allclose(rows, dequant(codes, scales, bits, block).T[tokens[0]], rtol=1e-6, atol=1e-6)

@@ -166,8 +166,9 @@ class QuantWeightOnly(Pass):
         quantizer.process()
         inputs = list(model.graph.inputs)
         replace_graph(model, ir.from_proto(quantizer.model.model))
-        for index, value in enumerate(inputs):  # restore the interface (hidden inputs, in their order)
-            if value in unused:
+        present = {v.name for v in model.graph.inputs}
+        for index, value in enumerate(inputs):  # restore the interface (inputs hidden from GPTQ, in their order)
+            if value.name not in present:
                 model.graph.inputs.insert(index, ir.Value(name=value.name, type=value.type, shape=value.shape))
         drop_unused(model)
         done = sum(1 for n in model.graph if n.op_type == "MatMulNBits")

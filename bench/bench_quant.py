@@ -1,0 +1,127 @@
+"""Quantization benchmark: every quantization recipe against fp32 and the onnxruntime-genai builder's int4 (and
+fp32) export of the same checkpoint, on SmolLM2-135M. One process, round-robin, medians; PPL on GPL-3.
+
+Artifacts are read from out/<recipe> (built with `onnxlm optimize -o out/<recipe> --recipe <recipe>`, and
+`--recipe nested --budget-bits B` into out/nested-<B>); genai's exports come from bench/.cache (see
+bench/bench_lowering.py for the builder venv; here `-p int4`). Writes the `quant` section of docs/benchmarks.md
+and docs/quant-ppl-vs-speed.png (needs matplotlib).
+    python bench/bench_quant.py --runs 5 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import onnxlm  # noqa: E402
+from onnxlm.passes.evaluate import open_session, session_perplexity  # noqa: E402
+from onnxlm.runtime.bench import NEW_TOKENS, PREFILL_TOKENS, PROMPT_TOKENS, bench_prompt, time_generation, time_prefill  # noqa: E402
+from onnxlm.runtime.generate import generate_tokens  # noqa: E402
+
+from bench_lowering import CACHE, ensure_genai_export  # noqa: E402
+from common import GPL3, ROOT, dir_size, genai_generation, genai_model, genai_prefill, machine, publish  # noqa: E402
+
+RECIPES = ["fp32", "int8", "int8-dynamic", "int4-rtn", "int4-calibrated", "int4", "int4-fast",
+           "nested-3", "nested-4", "nested-5"]
+LABELS = {"int8": "int8 weight-only", "int8-dynamic": "int8 dynamic", "int4-rtn": "int4 RTN",
+          "int4-calibrated": "int4 calibrated (GPTQ)", "int4": "int4 GGUF-exact", "int4-fast": "int4 GGUF-exact, int8 act.",
+          "nested-3": "nested, 3 bits", "nested-4": "nested, 4 bits", "nested-5": "nested, 5 bits"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ppl-tokens", type=int, default=4096)
+    args = parser.parse_args()
+
+    arts = {r: onnxlm.load(ROOT / "out" / r, threads=args.threads) for r in RECIPES if (ROOT / "out" / r).is_dir()}
+    missing = [r for r in RECIPES if r not in arts]
+    genai_dirs = {"genai builder int4": ensure_genai_export(CACHE / "genai-int4", "int4"),
+                  "genai builder fp32": ensure_genai_export(CACHE / "genai-fp32")}
+    genai = {name: genai_model(d, args.threads) for name, d in genai_dirs.items()}
+    tokenizer = arts["fp32"].tokenizer
+    short, long = bench_prompt(tokenizer, PROMPT_TOKENS), bench_prompt(tokenizer, PREFILL_TOKENS)
+
+    def onnxlm_run(art):
+        t, d = time_generation(art.session, short, NEW_TOKENS)
+        return t, d, time_prefill(art.session, long)
+
+    def genai_run(model):
+        t, d, _ = genai_generation(model, short, NEW_TOKENS)
+        return t, d, genai_prefill(model, long)
+
+    systems = {f"onnxlm `{r}`": (lambda a=a: onnxlm_run(a)) for r, a in arts.items()}
+    systems.update({name: (lambda m=m: genai_run(m)) for name, m in genai.items()})
+    for run in systems.values():  # warm-up
+        run()
+    results = {name: [] for name in systems}
+    for i in range(args.runs):
+        for name, run in systems.items():
+            results[name].append(run())
+        print(f"run {i + 1}/{args.runs}: " + ", ".join(f"{r[-1][1]:.0f}" for r in results.values()), flush=True)
+    med = {name: [statistics.median(x[k] for x in r) for k in range(3)] for name, r in results.items()}
+
+    ids = tokenizer.encode(GPL3.read_text(), add_bos=False)[:args.ppl_tokens]
+    ppl = {f"onnxlm `{r}`": a.perplexity(GPL3, max_tokens=args.ppl_tokens)["ppl"] for r, a in arts.items()}
+    for name, d in genai_dirs.items():  # genai's graph under plain ORT, fed onnxlm's token ids
+        ppl[name] = session_perplexity(open_session(d / "model.onnx", args.threads), arts["fp32"].info, ids)
+    sizes = {f"onnxlm `{r}`": dir_size(ROOT / "out" / r) for r in arts}
+    sizes.update({name: dir_size(d) for name, d in genai_dirs.items()})
+    reference = list(generate_tokens(arts["fp32"].session, short, NEW_TOKENS))
+    agree = {f"onnxlm `{r}`": sum(x == y for x, y in zip(generate_tokens(a.session, short, NEW_TOKENS), reference))
+             for r, a in arts.items()}
+    agree.update({name: sum(x == y for x, y in zip(genai_generation(m, short, NEW_TOKENS)[2], reference))
+                  for name, m in genai.items()})
+
+    base_ppl = ppl["onnxlm `fp32`"]
+    g4 = med["genai builder int4"]
+    lines = [
+        f"Machine: {machine()}. Threads: {args.threads}. Medians of {args.runs} round-robin runs in one process.",
+        f"onnxruntime {onnxlm.artifact.package_versions().get('onnxruntime')}, onnxruntime-genai 0.18.0. PPL: GPL-3, "
+        f"first {len(ids)} tokens (GGUF `smollm` tokenizer), 512-token windows.",
+        "",
+        "| system | PPL | vs fp32 | size MB | decode tok/s | vs genai int4 | TTFT | prefill 512 | greedy = fp32 (128) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, (t, d, p) in med.items():
+        lines.append(f"| {name} | {ppl[name]:.3f} | {(ppl[name] / base_ppl - 1) * 100:+.2f}% | {sizes[name] / 1e6:.0f} | "
+                     f"{d:.1f} | {d / g4[1]:.2f}x | {t * 1000:.0f} ms | {p:.3f} s | {agree[name]}/{len(reference)} |")
+    if missing:
+        lines += ["", f"Not built, so not measured: {', '.join(missing)}."]
+    publish("quant", lines, f"python bench/bench_quant.py --runs {args.runs} --threads {args.threads}")
+    plot(med, ppl, ROOT / "docs" / "quant-ppl-vs-speed.png")
+
+
+def plot(med: dict, ppl: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, (_, decode, _) in med.items():
+        genai = name.startswith("genai")
+        ax.scatter(decode, ppl[name], marker="s" if genai else "o", color="tab:red" if genai else "tab:blue")
+        ax.annotate(name.replace("onnxlm ", "").replace("`", ""), (decode, ppl[name]), fontsize=7,
+                    xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel("decode tok/s (2 threads)")
+    ax.set_ylabel("PPL, GPL-3 (lower is better)")
+    ax.set_title("SmolLM2-135M: PPL against decode speed")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
