@@ -23,6 +23,7 @@ import numpy as np
 from onnxlm.errors import OnnxlmError
 from onnxlm.passes.base import Pass, PassContext
 from onnxlm.passes.quant.linears import (
+    OFFSET_SUFFIX,
     add_initializer,
     dequantized_matmul_nbits,
     drop_unused,
@@ -148,7 +149,7 @@ class GgufExact(Pass):
         m = add_initializer(graph, f"{name}.offsets", offsets.T.astype(np.float32))  # [K/32, N]
         blocks = ir.node("Reshape", [x, shape], name=f"{name}.blocks")
         sums = ir.node("ReduceSum", [blocks.outputs[0], axes], attributes={"keepdims": 0}, name=f"{name}.block_sums")
-        correction = ir.node("MatMul", [sums.outputs[0], m], name=f"{name}.offset_matmul")
+        correction = ir.node("MatMul", [sums.outputs[0], m], name=f"{name}{OFFSET_SUFFIX}")
         total = ir.node("Add", [q.outputs[0], correction.outputs[0]], name=f"{name}.add_offsets")
         replace_linear(graph, node, [q, blocks, sums, correction, total], total.outputs[0])
         return q

@@ -14,6 +14,9 @@ from __future__ import annotations
 import numpy as np
 
 
+OFFSET_SUFFIX = ".offset_matmul"
+
+
 def add_initializer(graph, name: str, array: np.ndarray):
     """A new constant value (with its dtype and shape set) registered as an initializer of `graph`."""
     import onnx_ir as ir
@@ -27,6 +30,8 @@ def add_initializer(graph, name: str, array: np.ndarray):
 def linear_weight(node) -> np.ndarray | None:
     """The [K, N] weight of a linear MatMul node, else None."""
     if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return None
+    if node.name.endswith(OFFSET_SUFFIX):  # quant_gguf_exact's exact Q4_1 offset term, not a weight to quantize
         return None
     w = node.inputs[1]
     if w is None or w.const_value is None or len(w.const_value.shape) != 2 or min(w.const_value.shape) < 16:
