@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import onnxlm  # noqa: E402
 from onnxlm.runtime.bench import NEW_TOKENS, PREFILL_TOKENS, PROMPT_TOKENS, bench_prompt, time_generation, time_prefill  # noqa: E402
 from onnxlm.runtime.generate import generate_tokens  # noqa: E402
 
-from common import GPL3, ROOT, dir_size, genai_generation, genai_model, genai_prefill, machine, publish  # noqa: E402
+from common import GPL3, ROOT, dir_size, genai_generation, genai_model, genai_prefill, machine, publish, round_robin  # noqa: E402
 
 CACHE = ROOT / "bench" / ".cache"
 
@@ -97,14 +96,7 @@ def main() -> None:
         "onnxlm `fp32` (lowered), genai runtime": lambda: genai_run(genai_on_ours),
         "genai builder fp32, genai runtime": lambda: genai_run(genai_own),
     }
-    for run in systems.values():  # warm-up
-        run()
-    results = {name: [] for name in systems}
-    for i in range(args.runs):
-        for name, run in systems.items():
-            results[name].append(run())
-        print(f"run {i + 1}/{args.runs}: " + ", ".join(f"{r[-1][1]:.1f}" for r in results.values()), flush=True)
-    med = {name: [statistics.median(x[k] for x in r) for k in range(3)] for name, r in results.items()}
+    med = round_robin(systems, args.runs)
 
     reference = list(generate_tokens(lowered.session, short, NEW_TOKENS))
     tokens = {

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from onnxlm.runtime.bench import NEW_TOKENS, PREFILL_TOKENS, PROMPT_TOKENS, benc
 from onnxlm.runtime.generate import generate_tokens  # noqa: E402
 
 from bench_lowering import CACHE, ensure_genai_export  # noqa: E402
-from common import GPL3, ROOT, dir_size, genai_generation, genai_model, genai_prefill, machine, publish  # noqa: E402
+from common import GPL3, ROOT, dir_size, genai_generation, genai_model, genai_prefill, machine, publish, round_robin  # noqa: E402
 
 RECIPES = ["fp32", "int8", "int8-dynamic", "int4-rtn", "int4-calibrated", "int4", "int4-fast",
            "nested-3", "nested-4", "nested-5"]
@@ -59,14 +58,7 @@ def main() -> None:
 
     systems = {f"onnxlm `{r}`": (lambda a=a: onnxlm_run(a)) for r, a in arts.items()}
     systems.update({name: (lambda m=m: genai_run(m)) for name, m in genai.items()})
-    for run in systems.values():  # warm-up
-        run()
-    results = {name: [] for name in systems}
-    for i in range(args.runs):
-        for name, run in systems.items():
-            results[name].append(run())
-        print(f"run {i + 1}/{args.runs}: " + ", ".join(f"{r[-1][1]:.0f}" for r in results.values()), flush=True)
-    med = {name: [statistics.median(x[k] for x in r) for k in range(3)] for name, r in results.items()}
+    med = round_robin(systems, args.runs)
 
     ids = tokenizer.encode(GPL3.read_text(), add_bos=False)[:args.ppl_tokens]
     ppl = {f"onnxlm `{r}`": a.perplexity(GPL3, max_tokens=args.ppl_tokens)["ppl"] for r, a in arts.items()}

@@ -39,6 +39,21 @@ def publish(section: str, lines: list[str], command: str) -> None:
     write_section(section, table)
 
 
+def round_robin(systems: dict, runs: int) -> dict[str, list[float]]:
+    """One warm-up call each, then `runs` rounds calling every system in turn; name -> per-field medians of the
+    tuples they return (e.g. (ttft s, decode tok/s, prefill s))."""
+    import statistics
+
+    for run in systems.values():
+        run()
+    results = {name: [] for name in systems}
+    for i in range(runs):
+        for name, run in systems.items():
+            results[name].append(run())
+        print(f"run {i + 1}/{runs}: " + ", ".join(f"{r[-1][1]:.1f}" for r in results.values()), flush=True)
+    return {name: [statistics.median(x[k] for x in r) for k in range(len(r[0]))] for name, r in results.items()}
+
+
 def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file())
 
