@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from onnxlm.errors import OnnxlmError
@@ -118,18 +118,39 @@ class Artifact:
             return self.tokenizer.encode(text, add_bos=False)
         return self.tokenizer.encode(prompt)
 
-    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 128, ignore_eos: bool = False) -> Iterator[int]:
-        from onnxlm.runtime.generate import generate_tokens
+    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 128, ignore_eos: bool = False,
+                     decoding=None, draft: Artifact | None = None, stats=None) -> Iterator[int]:
+        """New token ids under `decoding` (a runtime.decoding.Decoding; default greedy). `draft` is the artifact
+        that drafts for speculative decoding; `stats` (a SpeculativeStats) collects its acceptance counts."""
+        from onnxlm.runtime.decoding import Decoding, decode
 
         stop = () if ignore_eos else tuple(self.info.eos_token_ids)
-        return generate_tokens(self.session, prompt_ids, max_new_tokens, stop)
+        return decode(self.session, prompt_ids, max_new_tokens, decoding or Decoding(), stop,
+                      draft.session if draft is not None else None, stats)
 
-    def generate(self, prompt: str, max_new_tokens: int = 128, stream: bool = False, chat: bool = True):
-        """Greedy generation. With stream=True, an iterator of text pieces; else the whole text."""
+    def self_draft(self) -> Artifact:
+        """The artifact's own cheaper variant (its `draft/` directory, built by `optimize --self-draft-layers`)."""
+        from onnxlm.artifact import DRAFT_DIR
+
+        path = self.directory / DRAFT_DIR
+        if not path.is_dir():
+            raise OnnxlmError(f"{self.directory} has no {DRAFT_DIR}/ to self-draft with: build it with "
+                              f"`onnxlm optimize ... --self-draft-layers N`")
+        return load(path, threads=self.session.threads)
+
+    def generate(self, prompt: str, max_new_tokens: int = 128, stream: bool = False, chat: bool = True,
+                 decoding=None, draft: Artifact | None = None, stop: Sequence[str] = (), stats=None):
+        """Generate text (greedy unless `decoding` says otherwise). With stream=True, an iterator of text pieces
+        (UTF-8 safe across token boundaries); else the whole text. Generation ends at EOS, at max_new_tokens, or
+        where one of the `stop` strings appears (the stop string is not returned)."""
+        from onnxlm.runtime.tokenizer import cut_at_stop_strings
+
         if max_new_tokens < 1:
             raise OnnxlmError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        ids = self.generate_ids(self.prompt_ids(prompt, chat), max_new_tokens)
+        ids = self.generate_ids(self.prompt_ids(prompt, chat), max_new_tokens, decoding=decoding, draft=draft,
+                                stats=stats)
         pieces = self.tokenizer.stream(t for t in ids if t not in self.info.eos_token_ids)
+        pieces = cut_at_stop_strings(pieces, stop)
         return pieces if stream else "".join(pieces)
 
     def perplexity(self, path: str | Path | None = None, *, text: str | None = None, max_tokens: int = 4096,

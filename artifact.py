@@ -28,6 +28,7 @@ from onnxlm.errors import OnnxlmError
 FORMAT = "onnxlm-artifact/1"
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
+DRAFT_DIR = "draft"  # an optional smaller variant of the same model, for self-speculation
 PACKAGES = ("onnxlm", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "tokenizers", "numpy", "torch", "transformers")
 
 

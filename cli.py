@@ -111,16 +111,65 @@ def generate(
     prompt: Annotated[str, typer.Option(help="The prompt text.")],
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate.")] = 128,
     chat: Annotated[bool, typer.Option(help="Wrap the prompt in the model's chat template.")] = True,
+    decoding: Annotated[Optional[str], typer.Option(
+        help="greedy | sample | beam | speculative. Default: speculative when a draft source is given, sample "
+             "when a sampling option is, else greedy.")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Sampling: divide logits by T (> 0).")] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="Sampling: keep the K most likely tokens (0: off).")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Sampling: keep the smallest set with mass P.")] = None,
+    min_p: Annotated[Optional[float], typer.Option(help="Sampling: drop tokens below P x the top probability.")] = None,
+    repetition_penalty: Annotated[Optional[float], typer.Option(
+        help="Sampling: CTRL penalty on tokens already in the context (1.0: off).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Sampling: random seed, for a reproducible run.")] = None,
+    num_beams: Annotated[int, typer.Option(min=1, help="Beam search: number of beams.")] = 4,
+    length_penalty: Annotated[float, typer.Option(help="Beam search: score / length ** P for finished beams.")] = 1.0,
+    early_stopping: Annotated[bool, typer.Option(help="Beam search: stop once num_beams hypotheses are done.")] = False,
+    draft: Annotated[Optional[Path], typer.Option(help="Speculative: an artifact with the same tokenizer that drafts.")] = None,
+    prompt_lookup: Annotated[bool, typer.Option(help="Speculative: draft from n-gram matches in the context.")] = False,
+    self_draft: Annotated[bool, typer.Option(help="Speculative: draft with the artifact's own draft/ variant.")] = False,
+    max_draft: Annotated[int, typer.Option(min=1, help="Speculative: most tokens per draft.")] = 8,
+    chunk_size: Annotated[Optional[int], typer.Option(min=1, help="Prefill the prompt in chunks of C tokens.")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop where this text appears (repeatable).")] = None,
+    stats: Annotated[bool, typer.Option(help="Print tokens/s (and the acceptance rate) to stderr.")] = False,
     threads: Threads = None,
 ):
-    """Generate text from an artifact (greedy), streamed to stdout as it is decoded."""
-    from onnxlm.api import load
+    """Generate text from an artifact, streamed to stdout as it is decoded."""
+    import time
 
+    from onnxlm.api import load
+    from onnxlm.runtime.decoding import Decoding
+    from onnxlm.runtime.sampling import SamplingConfig
+    from onnxlm.runtime.speculative import SpeculativeStats
+
+    sources = [s for s, given in (("--draft", draft is not None), ("--prompt-lookup", prompt_lookup),
+                                  ("--self-draft", self_draft)) if given]
+    if len(sources) > 1:
+        raise OnnxlmError(f"give one draft source, not {' and '.join(sources)}")
+    given = {k: v for k, v in dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                   repetition_penalty=repetition_penalty, seed=seed).items() if v is not None}
+    mode = decoding or ("speculative" if sources else "sample" if given else "greedy")
+    if sources and mode != "speculative":
+        raise OnnxlmError(f"{sources[0]} drafts for --decoding speculative, not {mode}")
+    sampling = SamplingConfig(**given) if given or mode == "sample" else None
+    spec = Decoding(mode, sampling, num_beams, length_penalty, early_stopping, prompt_lookup, max_draft, chunk_size)
     art = load(directory, threads=threads)
-    for piece in art.generate(prompt, max_new_tokens=max_new_tokens, stream=True, chat=chat):
+    drafter = art.self_draft() if self_draft else load(draft, threads=threads) if draft is not None else None
+    if mode == "speculative" and not sources:
+        raise OnnxlmError("--decoding speculative needs --draft DIR, --prompt-lookup or --self-draft")
+    counts = SpeculativeStats()
+    start, pieces = time.perf_counter(), 0
+    for piece in art.generate(prompt, max_new_tokens=max_new_tokens, stream=True, chat=chat, decoding=spec,
+                              draft=drafter, stop=stop or (), stats=counts):
         sys.stdout.write(piece)
         sys.stdout.flush()
+        pieces += 1
     sys.stdout.write("\n")
+    if stats:
+        line = f"{time.perf_counter() - start:.2f} s, decoding {mode}"
+        if mode == "speculative":
+            line += (f", {counts.emitted} tokens in {counts.target_calls} target calls, acceptance "
+                     f"{counts.acceptance_rate:.0%} of {counts.drafted} drafted")
+        err.print(line, soft_wrap=True)
 
 
 @app.command(name="eval")

@@ -3,8 +3,10 @@
 Two layouts, chosen by the graph:
 - growing (plain export): each entry is (batch, kv_heads, length, head_dim); the graph concatenates past and new
   K/V and returns new tensors each step.
-- shared (GroupQueryAttention): each entry is a preallocated (batch, kv_heads, capacity, head_dim) buffer bound as
-  both past and present; GQA writes the new positions in place and reads `length` from position_ids.
+- shared (GroupQueryAttention): each entry is a preallocated (batch, kv_heads, capacity, head_dim) numpy buffer,
+  wrapped without a copy as an OrtValue and bound as both past and present; GQA writes the new positions in place
+  and reads each row's length from position_ids. Positions past `length` hold stale K/V that the next write
+  overwrites, so dropping the last k positions (speculative rollback) is `truncate`, with no copy.
 """
 
 from __future__ import annotations
@@ -17,26 +19,36 @@ import numpy as np
 from onnxlm.errors import OnnxlmError
 
 
+def _wrap(array: np.ndarray):
+    import onnxruntime as ort
+
+    return ort.OrtValue.ortvalue_from_numpy(array)  # on CPU the OrtValue aliases the numpy memory
+
+
 @dataclasses.dataclass
 class KVCache:
     values: list  # onnxruntime.OrtValue, ordered [k0, v0, k1, v1, ...]
     length: int  # positions already in the cache
     capacity: int | None  # None: growing layout; else the shared buffer's length
+    arrays: list | None = None  # shared layout: the numpy buffers behind `values`
     binding: Any = None  # shared layout: the session's IO binding with these buffers bound as past and present
     decode_logits: Any = None  # (batch, 1, vocab) float32, reused by every decode step of this cache
 
     @classmethod
     def empty(cls, names: list[str], batch: int, kv_heads: int, head_dim: int,
               capacity: int | None = None) -> KVCache:
-        import onnxruntime as ort
-
         shape = (batch, kv_heads, capacity or 0, head_dim)  # (batch, kv_heads, capacity, head_dim)
-        return cls(values=[ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for _ in names],
-                   length=0, capacity=capacity)
+        arrays = [np.zeros(shape, np.float32) for _ in names]
+        return cls(values=[_wrap(a) for a in arrays], length=0, capacity=capacity,
+                   arrays=arrays if capacity else None)
 
     @property
     def shared(self) -> bool:
         return self.capacity is not None
+
+    @property
+    def batch(self) -> int:
+        return int(self.values[0].shape()[0])
 
     def check_room(self, new_tokens: int) -> None:
         if self.shared and self.length + new_tokens > self.capacity:
@@ -49,6 +61,30 @@ class KVCache:
         if presents is not None:
             self.values = presents
         self.length += new_tokens
+
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` positions (speculative rollback)."""
+        if not 0 <= length <= self.length:
+            raise OnnxlmError(f"cannot truncate a cache of {self.length} positions to {length}")
+        if not self.shared and length < self.length:
+            self.values = [_wrap(np.ascontiguousarray(v.numpy()[:, :, :length])) for v in self.values]
+        self.length = length
+
+    def reorder(self, rows: np.ndarray) -> None:
+        """Row b takes the K/V of row rows[b] (beam search), in place on the shared buffer."""
+        rows = np.asarray(rows, np.int64)  # (batch,)
+        if self.shared:
+            for a in self.arrays:  # (batch, kv_heads, capacity, head_dim)
+                a[:, :, : self.length] = a[rows, :, : self.length]
+        else:
+            self.values = [_wrap(np.ascontiguousarray(v.numpy()[rows])) for v in self.values]
+
+    def row(self, b: int) -> KVCache:
+        """A batch-1 cache over row b of a shared buffer, without a copy: prefill one request of a batch."""
+        if not self.shared:
+            raise OnnxlmError("per-row caches need a GroupQueryAttention graph (shared KV buffer)")
+        arrays = [a[b : b + 1] for a in self.arrays]  # (1, kv_heads, capacity, head_dim), views
+        return KVCache(values=[_wrap(a) for a in arrays], length=0, capacity=self.capacity, arrays=arrays)
 
     def nbytes(self) -> int:
         return sum(int(np.prod(v.shape())) * 4 for v in self.values)

@@ -60,22 +60,35 @@ class DecoderSession:
             capacity = None
         return KVCache.empty(self.kv_input_names, batch, self.info.num_kv_heads, self.info.head_dim, capacity)
 
-    def step(self, token_ids: np.ndarray, cache: KVCache) -> np.ndarray:
+    def step(self, token_ids: np.ndarray, cache: KVCache, positions: np.ndarray | None = None) -> np.ndarray:
         """Run `token_ids` (batch, seq) at positions cache.length.. and advance the cache.
 
         Returns logits (batch, seq, vocab) as float32. For a decode step (seq == 1) the array is the cache's own
         buffer, overwritten by its next decode step: copy it to keep it.
+
+        `positions` (batch, 1) gives each row its own position, for a decode batch whose rows hold different
+        lengths (shared buffer only: GQA takes each row's length from its position). The caller then keeps the
+        rows' lengths, and cache.length is not advanced.
         """
         batch, seq = token_ids.shape
-        past = cache.length
-        cache.check_room(seq)
+        ragged = positions is not None
+        if ragged and not (cache.shared and seq == 1):
+            raise OnnxlmError("per-row positions need a GroupQueryAttention graph and one new token per row")
+        if ragged:
+            positions = np.ascontiguousarray(positions, dtype=np.int64)  # (batch, 1)
+            total = int(positions.max()) + 1
+            if total > cache.capacity:
+                raise OnnxlmError(f"KV cache full: position {total - 1} is past its capacity {cache.capacity}")
+        else:
+            cache.check_room(seq)
+            total = cache.length + seq
+            positions = np.broadcast_to(np.arange(cache.length, total, dtype=np.int64), (batch, seq)).copy()
         io = self._binding(cache)
         io.bind_cpu_input("input_ids", np.ascontiguousarray(token_ids, dtype=np.int64))
         if "attention_mask" in self.input_names:
-            io.bind_cpu_input("attention_mask", np.ones((batch, past + seq), np.int64))
+            io.bind_cpu_input("attention_mask", np.ones((batch, total), np.int64))
         if "position_ids" in self.input_names:
-            positions = np.arange(past, past + seq, dtype=np.int64)
-            io.bind_cpu_input("position_ids", np.broadcast_to(positions, (batch, seq)).copy())
+            io.bind_cpu_input("position_ids", positions)
         if seq == 1:  # decode: ORT writes into the cache's buffer; no allocation, no copy
             if cache.decode_logits is None or cache.decode_logits.shape[0] != batch:
                 cache.decode_logits = np.empty((batch, 1, self.info.vocab_size), np.float32)  # (batch, 1, vocab)
@@ -85,7 +98,8 @@ class DecoderSession:
             io.bind_output("logits", "cpu")
         self.session.run_with_iobinding(io)
         if cache.shared and seq == 1:  # the hot path: nothing to fetch, the buffers were written in place
-            cache.advance(None, seq)
+            if not ragged:
+                cache.advance(None, seq)
             return logits
         outputs = io.get_outputs()  # [logits, *presents] in binding order
         cache.advance(None if cache.shared else outputs[1:], seq)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from onnxlm.model_info import ModelInfo
@@ -48,3 +48,28 @@ class TextTokenizer:
         tail = self.decode(tokens[prefix_start:])[len(self.decode(tokens[prefix_start:read_start])):]
         if tail:
             yield tail
+
+
+def cut_at_stop_strings(pieces: Iterable[str], stops: Sequence[str]) -> Iterator[str]:
+    """Pass text pieces through until one of `stops` appears; the text from the stop string on is dropped.
+
+    Up to len(longest stop) - 1 characters are held back, since they may be the start of a stop string that
+    the next piece completes. Returning early stops the generator that makes the pieces, hence generation."""
+    stops = [s for s in stops if s]
+    if not stops:
+        yield from pieces
+        return
+    hold = max(len(s) for s in stops) - 1
+    text = ""
+    for piece in pieces:
+        text += piece
+        found = [i for i in (text.find(s) for s in stops) if i >= 0]
+        if found:
+            if min(found):
+                yield text[: min(found)]
+            return
+        if len(text) > hold:
+            yield text[: len(text) - hold]
+            text = text[len(text) - hold :]
+    if text:
+        yield text

@@ -1,0 +1,69 @@
+"""How to decode, as plain data, and the one function that picks the loop for it.
+
+greedy and sample run generate.generate_tokens; beam runs beam.beam_search; speculative runs
+speculative.speculative_generate with a drafter (prompt lookup or a draft decoder). All of them stream token ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+from onnxlm.errors import OnnxlmError
+from onnxlm.runtime.beam import beam_search
+from onnxlm.runtime.generate import generate_tokens
+from onnxlm.runtime.sampling import Sampler, SamplingConfig
+from onnxlm.runtime.session import DecoderSession
+from onnxlm.runtime.speculative import ModelDrafter, PromptLookup, SpeculativeStats, speculative_generate
+
+MODES = ("greedy", "sample", "beam", "speculative")
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+    mode: str = "greedy"
+    sampling: SamplingConfig | None = None  # sample, or speculative with sampling verification
+    num_beams: int = 4
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    prompt_lookup: bool = False  # speculative: draft from n-gram matches in the context
+    max_draft: int = 8  # speculative: most tokens per draft (the length adapts below it)
+    chunk_size: int | None = None  # greedy/sample: prefill in chunks of this many tokens
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise OnnxlmError(f"unknown decoding '{self.mode}': choose one of {', '.join(MODES)}")
+        if self.mode == "sample" and self.sampling is None:
+            object.__setattr__(self, "sampling", SamplingConfig())
+        if self.mode in ("greedy", "beam") and self.sampling is not None:
+            raise OnnxlmError(f"sampling options do not apply to --decoding {self.mode}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise OnnxlmError(f"chunk size must be at least 1, got {self.chunk_size}")
+
+
+def decode(
+    model: DecoderSession,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    decoding: Decoding,
+    stop_ids: tuple[int, ...] = (),
+    draft_model: DecoderSession | None = None,
+    stats: SpeculativeStats | None = None,
+) -> Iterator[int]:
+    """New token ids for `prompt_ids` under `decoding`; beam search yields its best hypothesis at the end."""
+    sampler = Sampler(decoding.sampling)
+    if decoding.mode == "beam":
+        result = beam_search(model, prompt_ids, max_new_tokens, decoding.num_beams, decoding.length_penalty,
+                             decoding.early_stopping, stop_ids)
+        return iter(result.tokens)
+    if decoding.mode == "speculative":
+        if decoding.prompt_lookup == (draft_model is not None):
+            raise OnnxlmError("speculative decoding needs one draft source: a draft artifact or prompt lookup")
+        if draft_model is not None and draft_model.info.vocab_size != model.info.vocab_size:
+            raise OnnxlmError(f"the draft's vocabulary ({draft_model.info.vocab_size}) differs from the target's "
+                              f"({model.info.vocab_size}): it needs the same tokenizer")
+        drafter = PromptLookup() if decoding.prompt_lookup else ModelDrafter(
+            draft_model, len(prompt_ids) + max_new_tokens)
+        return speculative_generate(model, drafter, prompt_ids, max_new_tokens, stop_ids, sampler,
+                                    decoding.max_draft, stats)
+    return generate_tokens(model, prompt_ids, max_new_tokens, stop_ids, sampler, decoding.chunk_size)
