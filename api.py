@@ -24,16 +24,18 @@ def optimize(
     progress: Progress | None = None,
     overrides: dict[str, dict] | None = None,
     calibration: str | Path | None = None,
+    self_draft_layers: int | None = None,
+    draft_recipe: str | None = None,
 ) -> Artifact:
     """Load `model`, export it, run the recipe's passes, lower for `ep`, and write the artifact to `output`.
 
     `overrides` sets options of the recipe's passes by pass name, e.g. {"quant_nested": {"budget_bits": 4.5}};
     `calibration` is a UTF-8 text file for calibrating passes and lossy-pass PPL reports (default: a short
-    English text shipped with onnxlm)."""
-    from onnxlm.artifact import check_output_dir, write_artifact
+    English text shipped with onnxlm). `self_draft_layers` N also writes `output/draft/`: the same model with
+    its N least influential layers removed (ShortGPT Block Influence on the calibration text), built with
+    `draft_recipe` (default: the same recipe), for self-speculative decoding."""
+    from onnxlm.artifact import DRAFT_DIR, check_output_dir
     from onnxlm.backends import get_backend
-    from onnxlm.passes.base import PassContext
-    from onnxlm.passes.manager import run_pipeline
     from onnxlm.passes.recipe import load_recipe
 
     say = progress or (lambda _msg: None)
@@ -41,14 +43,40 @@ def optimize(
     # Everything that can be checked cheaply is checked before the slow work starts.
     check_output_dir(output)
     the_recipe = apply_overrides(load_recipe(recipe), overrides or {})
+    the_draft_recipe = load_recipe(draft_recipe) if draft_recipe else the_recipe
     backend = get_backend(ep)
     calibration_text = read_text(Path(calibration) if calibration else CALIBRATION_TEXT)
+    if self_draft_layers is not None and self_draft_layers < 1:
+        raise OnnxlmError(f"--self-draft-layers must be at least 1, got {self_draft_layers}")
 
     say(f"loading {model}")
     from onnxlm.frontend import load_source
-    from onnxlm.frontend.export import export_decoder
 
     source = load_source(model)
+    if self_draft_layers is not None and source.kind == "onnx":
+        raise OnnxlmError("a self-draft removes layers before export, so it needs an HF or GGUF model, not ONNX")
+    compile_source(source, the_recipe, backend, output, calibration_text, say)
+    if self_draft_layers is not None:
+        from onnxlm.frontend.remove_layers import block_influence, least_influential, remove_layers
+
+        say(f"self-draft: removing {self_draft_layers} layers by block influence")
+        source = load_source(model)
+        ids = source.tokenizer.encode(calibration_text).ids
+        drop = least_influential(block_influence(source.torch_model, ids), self_draft_layers)
+        source.info = remove_layers(source.torch_model, source.info, drop)
+        compile_source(source, the_draft_recipe, backend, output / DRAFT_DIR, calibration_text, say,
+                       notes={"removed_layers": drop})
+    return load(output)
+
+
+def compile_source(source, recipe, backend, output: Path, calibration_text: str, say: Progress,
+                   notes: dict | None = None) -> None:
+    """Export a loaded source, run the recipe, lower it, write the artifact."""
+    from onnxlm.artifact import write_artifact
+    from onnxlm.frontend.export import export_decoder
+    from onnxlm.passes.base import PassContext
+    from onnxlm.passes.manager import run_pipeline
+
     if source.kind == "onnx":
         graph = source.onnx_model
     else:
@@ -59,11 +87,10 @@ def optimize(
         ctx = PassContext(info=source.info, source=source.describe(), scratch=Path(scratch),
                           calibration_ids=source.tokenizer.encode(calibration_text).ids,
                           quantized_tensors=source.quantized_tensors)
-        reports = run_pipeline(graph, the_recipe, ctx, on_pass=lambda name: say(f"pass {name}"))
+        reports = run_pipeline(graph, recipe, ctx, on_pass=lambda name: say(f"pass {name}"))
         backend.lower(graph)
         say(f"writing {output}")
-        write_artifact(output, graph, source, the_recipe, reports)
-    return load(output)
+        write_artifact(output, graph, source, recipe, reports, notes)
 
 
 CALIBRATION_TEXT = Path(__file__).parent / "passes" / "data" / "calibration.txt"
@@ -90,19 +117,21 @@ def apply_overrides(recipe, overrides: dict[str, dict]):
     return Recipe(recipe.name, recipe.description, passes)
 
 
-def load(directory: str | Path, threads: int | None = None, ep: str = "cpu") -> Artifact:
-    return Artifact(Path(directory), threads=threads, ep=ep)
+def load(directory: str | Path, threads: int | None = None, ep: str = "cpu", spinning: bool = True) -> Artifact:
+    """An artifact ready to decode. spinning=False for sessions that take turns on the same cores (a speculative
+    target and its draft model): ORT's idle workers would otherwise spin against the working session."""
+    return Artifact(Path(directory), threads=threads, ep=ep, spinning=spinning)
 
 
 class Artifact:
     """A written artifact, loaded for decoding: generate, perplexity, bench."""
 
-    def __init__(self, directory: Path, threads: int | None = None, ep: str = "cpu"):
+    def __init__(self, directory: Path, threads: int | None = None, ep: str = "cpu", spinning: bool = True):
         from onnxlm.runtime.session import DecoderSession
         from onnxlm.runtime.tokenizer import TextTokenizer
 
         self.directory = directory
-        self.session = DecoderSession(directory, threads=threads, ep=ep)
+        self.session = DecoderSession(directory, threads=threads, ep=ep, spinning=spinning)
         self.manifest = self.session.manifest
         self.info = self.session.info
         self.tokenizer = TextTokenizer(directory, self.info)
@@ -128,15 +157,16 @@ class Artifact:
         return decode(self.session, prompt_ids, max_new_tokens, decoding or Decoding(), stop,
                       draft.session if draft is not None else None, stats)
 
-    def self_draft(self) -> Artifact:
-        """The artifact's own cheaper variant (its `draft/` directory, built by `optimize --self-draft-layers`)."""
+    def self_draft(self, spinning: bool = False) -> Artifact:
+        """The artifact's own cheaper variant (its `draft/` directory, built by `optimize --self-draft-layers`),
+        loaded to take turns with this one (see `load`)."""
         from onnxlm.artifact import DRAFT_DIR
 
         path = self.directory / DRAFT_DIR
         if not path.is_dir():
             raise OnnxlmError(f"{self.directory} has no {DRAFT_DIR}/ to self-draft with: build it with "
                               f"`onnxlm optimize ... --self-draft-layers N`")
-        return load(path, threads=self.session.threads)
+        return load(path, threads=self.session.threads, spinning=spinning)
 
     def generate(self, prompt: str, max_new_tokens: int = 128, stream: bool = False, chat: bool = True,
                  decoding=None, draft: Artifact | None = None, stop: Sequence[str] = (), stats=None):

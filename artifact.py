@@ -88,8 +88,9 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def write_artifact(output: Path, model, source, recipe, reports) -> Path:
-    """Write graph, tokenizer, recipe and manifest into `output`, atomically."""
+def write_artifact(output: Path, model, source, recipe, reports, notes: dict | None = None) -> Path:
+    """Write graph, tokenizer, recipe and manifest into `output`, atomically. `notes` (plain data) say how the
+    model was changed before export, e.g. the layers a self-draft removed."""
     import onnx_ir as ir
 
     from onnxlm import __version__
@@ -116,6 +117,7 @@ def write_artifact(output: Path, model, source, recipe, reports) -> Path:
             "op_histogram": ops,
             "files": files,
             "packages": package_versions(),
+            **({"notes": notes} if notes else {}),
         }
         _write_json(staging / "manifest.json", manifest)
     return Path(output)

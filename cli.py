@@ -91,6 +91,11 @@ def optimize(
         min=2.0, max=8.0, help="Average code bits per decoder weight for the `nested` recipe's per-layer choice.")] = None,
     calibration: Annotated[Optional[Path], typer.Option(
         help="UTF-8 text for calibration and lossy-pass PPL reports (default: a text shipped with onnxlm).")] = None,
+    self_draft_layers: Annotated[Optional[int], typer.Option(
+        min=1, help="Also write OUTPUT/draft: the model without its N least influential layers (ShortGPT block "
+                    "influence), for `generate --self-draft`.")] = None,
+    draft_recipe: Annotated[Optional[str], typer.Option(
+        help="Recipe for the self-draft (default: --recipe).")] = None,
 ):
     """Export MODEL, run a recipe of passes over it, and write a self-contained artifact to OUTPUT."""
     from onnxlm.api import optimize as run_optimize
@@ -98,7 +103,7 @@ def optimize(
     overrides = {"quant_nested": {"budget_bits": budget_bits}} if budget_bits is not None else {}
     with steps() as say:
         art = run_optimize(model, recipe=recipe, output=output, ep=ep, progress=say, overrides=overrides,
-                           calibration=calibration)
+                           calibration=calibration, self_draft_layers=self_draft_layers, draft_recipe=draft_recipe)
     for report in art.manifest["passes"]:
         err.print(f"  {report['name']}: {report['nodes_before']} -> {report['nodes_after']} nodes, "
                   f"{check_summary(report['check'])}")
@@ -152,8 +157,9 @@ def generate(
         raise OnnxlmError(f"{sources[0]} drafts for --decoding speculative, not {mode}")
     sampling = SamplingConfig(**given) if given or mode == "sample" else None
     spec = Decoding(mode, sampling, num_beams, length_penalty, early_stopping, prompt_lookup, max_draft, chunk_size)
-    art = load(directory, threads=threads)
-    drafter = art.self_draft() if self_draft else load(draft, threads=threads) if draft is not None else None
+    turns = self_draft or draft is not None  # two sessions taking turns: no spinning workers (backends/cpu.py)
+    art = load(directory, threads=threads, spinning=not turns)
+    drafter = art.self_draft() if self_draft else load(draft, threads=threads, spinning=False) if draft else None
     if mode == "speculative" and not sources:
         raise OnnxlmError("--decoding speculative needs --draft DIR, --prompt-lookup or --self-draft")
     counts = SpeculativeStats()

@@ -11,13 +11,15 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def session_options(threads: int | None = None, profile: bool = False):
+def session_options(threads: int | None = None, profile: bool = False, spinning: bool = True):
     """ORT's defaults, which measured fastest for decode here.
 
     - Threads: when `threads` is None or covers every usable core, ORT picks the count itself and pins its
       threads to cores; an explicit count of the same size leaves them unpinned and measured about 8% slower
       per decode step on 2 cores. A smaller count is set as given.
-    - Spinning workers on: turning spinning off cost about 10% decode tok/s on 2 cores.
+    - Spinning workers on: turning spinning off cost about 10% decode tok/s on 2 cores. Off (`spinning=False`)
+      for sessions that take turns, as a speculative target and its draft model do: each session's idle
+      workers would spin on the cores the other one is computing on.
     - Sequential execution (a decoder graph is a chain) and all graph optimizations.
     """
     import onnxruntime as ort
@@ -26,7 +28,7 @@ def session_options(threads: int | None = None, profile: bool = False):
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.intra_op_num_threads = 0 if threads is None or threads >= usable_cores() else threads
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     opts.enable_profiling = profile
     return opts
 

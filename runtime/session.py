@@ -28,7 +28,8 @@ def ort_value(array: np.ndarray):
 class DecoderSession:
     """One loaded decoder. `step` runs new tokens against a KV cache and returns their logits."""
 
-    def __init__(self, directory: Path, threads: int | None = None, ep: str = "cpu", profile: bool = False):
+    def __init__(self, directory: Path, threads: int | None = None, ep: str = "cpu", profile: bool = False,
+                 spinning: bool = True):
         import onnxruntime as ort
 
         self.directory = Path(directory)
@@ -39,7 +40,7 @@ class DecoderSession:
         try:
             self.session = ort.InferenceSession(
                 str(self.directory / MODEL_FILE),
-                sess_options=backend.session_options(threads, profile),
+                sess_options=backend.session_options(threads, profile, spinning),
                 providers=backend.PROVIDERS,
             )
         except Exception as exc:

@@ -161,3 +161,25 @@ def test_cli_generate_decodings(capsys, tiny_artifact):
     code, out, _ = run_cli(capsys, "generate", d, "--prompt", PROMPT, "--max-new-tokens", "6", "--decoding", "beam",
                            "--num-beams", "3", "--no-chat")
     assert code == 0 and out.strip()
+
+
+def test_self_draft_is_the_model_without_its_least_influential_layers(tiny_hf_dir, tmp_path):
+    import json
+
+    import onnxlm
+    from onnxlm.frontend import load_source
+    from onnxlm.frontend.remove_layers import block_influence
+
+    art = onnxlm.optimize(str(tiny_hf_dir), recipe="fp32", output=tmp_path / "a", self_draft_layers=1)
+    manifest = json.loads((tmp_path / "a" / "draft" / "manifest.json").read_text())
+    source = load_source(str(tiny_hf_dir))
+    influence = block_influence(source.torch_model, source.tokenizer.encode(PROMPT * 4).ids)
+    assert len(influence) == 2 and all(0 < b < 2 for b in influence)
+    assert manifest["model"]["num_layers"] == 1 and len(manifest["notes"]["removed_layers"]) == 1
+    genai = json.loads((tmp_path / "a" / "draft" / "genai_config.json").read_text())
+    assert genai["model"]["decoder"]["num_hidden_layers"] == 1
+    draft = art.self_draft()
+    stats = SpeculativeStats()
+    ids = prompt_ids(art)
+    ours = list(art.generate_ids(ids, 24, ignore_eos=True, decoding=Decoding("speculative"), draft=draft, stats=stats))
+    assert ours == list(generate_tokens(art.session, ids, 24)) and stats.drafted > 0

@@ -72,3 +72,31 @@ def test_lowered_perplexity_equals_the_plain_graph(smollm2_artifact, tmp_path):
     a = smollm2_artifact.perplexity(GPL3, max_tokens=1024)["ppl"]
     b = plain.perplexity(GPL3, max_tokens=1024)["ppl"]
     assert abs(a / b - 1) < 1e-4
+
+
+def test_beam_4_identical_to_transformers(smollm2_artifact, smollm2_torch):
+    import torch
+
+    from onnxlm.runtime.beam import beam_search
+
+    ids = smollm2_artifact.prompt_ids("Name three colors.")
+    eos = tuple(smollm2_artifact.info.eos_token_ids)
+    with torch.no_grad():
+        ref = smollm2_torch.torch_model.generate(
+            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), num_beams=4,
+            do_sample=False, max_new_tokens=24, length_penalty=1.0, early_stopping=False, eos_token_id=list(eos),
+            pad_token_id=eos[0])[0, len(ids):].tolist()
+    ours = beam_search(smollm2_artifact.session, ids, 24, num_beams=4, eos_ids=eos).tokens
+    assert ours == ref[: len(ours)] and len(ours) >= 8
+
+
+def test_prompt_lookup_keeps_greedy_tokens(smollm2_artifact):
+    from onnxlm.runtime.decoding import Decoding
+    from onnxlm.runtime.speculative import SpeculativeStats
+
+    ids = smollm2_artifact.prompt_ids("Repeat this sentence exactly: the cat sat on the mat and looked at the door.")
+    stats = SpeculativeStats()
+    spec = list(smollm2_artifact.generate_ids(ids, 48, ignore_eos=True, decoding=Decoding("speculative", prompt_lookup=True),
+                                              stats=stats))
+    assert spec == list(smollm2_artifact.generate_ids(ids, 48, ignore_eos=True))
+    assert stats.accepted > 0 and stats.target_calls < 48
