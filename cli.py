@@ -135,7 +135,7 @@ def generate(
     max_draft: Annotated[int, typer.Option(min=1, help="Speculative: most tokens per draft.")] = 8,
     chunk_size: Annotated[Optional[int], typer.Option(min=1, help="Prefill the prompt in chunks of C tokens.")] = None,
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop where this text appears (repeatable).")] = None,
-    stats: Annotated[bool, typer.Option(help="Print tokens/s (and the acceptance rate) to stderr.")] = False,
+    stats: Annotated[bool, typer.Option(help="Print the time taken (and speculative decoding's acceptance) to stderr.")] = False,
     threads: Threads = None,
 ):
     """Generate text from an artifact, streamed to stdout as it is decoded."""
@@ -173,8 +173,8 @@ def generate(
     if stats:
         line = f"{time.perf_counter() - start:.2f} s, decoding {mode}"
         if mode == "speculative":
-            line += (f", {counts.emitted} tokens in {counts.target_calls} target calls, acceptance "
-                     f"{counts.acceptance_rate:.0%} of {counts.drafted} drafted")
+            line += (f", {counts.emitted} tokens in {counts.target_calls} target calls, {counts.acceptance_rate:.0%} "
+                     f"of {counts.drafted} drafted tokens accepted")
         err.print(line, soft_wrap=True)
 
 

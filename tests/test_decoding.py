@@ -150,7 +150,7 @@ def test_cli_generate_decodings(capsys, tiny_artifact):
     assert code == 0
     code, out, err = run_cli(capsys, "generate", d, "--prompt", PROMPT, "--max-new-tokens", "12", "--no-chat",
                              "--prompt-lookup", "--stats")
-    assert code == 0 and out == greedy_out and "acceptance" in err
+    assert code == 0 and out == greedy_out and "drafted tokens accepted" in err
     sampled = [run_cli(capsys, "generate", d, "--prompt", PROMPT, "--max-new-tokens", "12", "--no-chat",
                        "--temperature", "1.5", "--seed", "4")[1] for _ in range(2)]
     assert sampled[0] == sampled[1]
