@@ -26,6 +26,8 @@ def optimize(
     calibration: str | Path | None = None,
     self_draft_layers: int | None = None,
     draft_recipe: str | None = None,
+    remove_layers: int | None = None,
+    max_ppl_increase: float | None = None,
 ) -> Artifact:
     """Load `model`, export it, run the recipe's passes, lower for `ep`, and write the artifact to `output`.
 
@@ -33,7 +35,8 @@ def optimize(
     `calibration` is a UTF-8 text file for calibrating passes and lossy-pass PPL reports (default: a short
     English text shipped with onnxlm). `self_draft_layers` N also writes `output/draft/`: the same model with
     its N least influential layers removed (ShortGPT Block Influence on the calibration text), built with
-    `draft_recipe` (default: the same recipe), for self-speculative decoding."""
+    `draft_recipe` (default: the same recipe), for self-speculative decoding. `remove_layers` N or
+    `max_ppl_increase` X (percent) add the `remove_layers` pass to the recipe, after its first cleanup."""
     from onnxlm.artifact import DRAFT_DIR, check_output_dir
     from onnxlm.backends import get_backend
     from onnxlm.passes.recipe import load_recipe
@@ -42,7 +45,8 @@ def optimize(
     output = Path(output)
     # Everything that can be checked cheaply is checked before the slow work starts.
     check_output_dir(output)
-    the_recipe = apply_overrides(load_recipe(recipe), overrides or {})
+    the_recipe = with_layer_removal(apply_overrides(load_recipe(recipe), overrides or {}), remove_layers,
+                                    max_ppl_increase)
     the_draft_recipe = load_recipe(draft_recipe) if draft_recipe else the_recipe
     backend = get_backend(ep)
     calibration_text = read_text(Path(calibration) if calibration else CALIBRATION_TEXT)
@@ -88,6 +92,7 @@ def compile_source(source, recipe, backend, output: Path, calibration_text: str,
                           calibration_ids=source.tokenizer.encode(calibration_text).ids,
                           quantized_tensors=source.quantized_tensors)
         reports = run_pipeline(graph, recipe, ctx, on_pass=lambda name: say(f"pass {name}"))
+        source.info = ctx.info  # a pass may change the model's facts (remove_layers: num_layers)
         backend.lower(graph)
         say(f"writing {output}")
         write_artifact(output, graph, source, recipe, reports, notes)
@@ -101,6 +106,22 @@ def read_text(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise OnnxlmError(f"cannot read text file {path}: {exc}") from None
+
+
+def with_layer_removal(recipe, n: int | None, max_ppl_increase: float | None):
+    """`recipe` with a `remove_layers` pass after its first cleanup (it needs the unfused graph)."""
+    from onnxlm.passes.recipe import Recipe
+    from onnxlm.passes.registry import make_pass
+
+    if n is None and max_ppl_increase is None:
+        return recipe
+    if any(p.name == "remove_layers" for p in recipe.passes):
+        raise OnnxlmError(f"recipe '{recipe.name}' already removes layers")
+    spec = {"pass": "remove_layers", **({"n": n} if n is not None else {}),
+            **({"max_ppl_increase": float(max_ppl_increase)} if max_ppl_increase is not None else {})}
+    at = next((i + 1 for i, p in enumerate(recipe.passes) if p.name == "cleanup"), 0)
+    passes = [*recipe.passes[:at], make_pass(spec), *recipe.passes[at:]]
+    return Recipe(recipe.name, recipe.description, passes)
 
 
 def apply_overrides(recipe, overrides: dict[str, dict]):

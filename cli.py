@@ -96,6 +96,12 @@ def optimize(
                     "influence), for `generate --self-draft`.")] = None,
     draft_recipe: Annotated[Optional[str], typer.Option(
         help="Recipe for the self-draft (default: --recipe).")] = None,
+    remove_layers: Annotated[Optional[int], typer.Option(
+        min=1, help="Remove the N least important decoder layers (PPL without each layer on the calibration "
+                    "text; the remove_layers pass).")] = None,
+    max_ppl_increase: Annotated[Optional[float], typer.Option(
+        min=0.0, help="Remove layers, least important first, while the calibration PPL rises by at most X "
+                      "percent.")] = None,
 ):
     """Export MODEL, run a recipe of passes over it, and write a self-contained artifact to OUTPUT."""
     from onnxlm.api import optimize as run_optimize
@@ -103,7 +109,8 @@ def optimize(
     overrides = {"quant_nested": {"budget_bits": budget_bits}} if budget_bits is not None else {}
     with steps() as say:
         art = run_optimize(model, recipe=recipe, output=output, ep=ep, progress=say, overrides=overrides,
-                           calibration=calibration, self_draft_layers=self_draft_layers, draft_recipe=draft_recipe)
+                           calibration=calibration, self_draft_layers=self_draft_layers, draft_recipe=draft_recipe,
+                           remove_layers=remove_layers, max_ppl_increase=max_ppl_increase)
     for report in art.manifest["passes"]:
         err.print(f"  {report['name']}: {report['nodes_before']} -> {report['nodes_after']} nodes, "
                   f"{check_summary(report['check'])}")

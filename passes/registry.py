@@ -5,6 +5,7 @@ from __future__ import annotations
 from onnxlm.errors import OnnxlmError
 from onnxlm.passes.base import Pass
 from onnxlm.passes.cleanup import Cleanup
+from onnxlm.passes.layers.remove_layers import RemoveLayers
 from onnxlm.passes.lowering.ort_fusions import (
     FuseGroupQueryAttention,
     FuseRmsNorm,
@@ -28,6 +29,7 @@ PASSES: dict[str, type[Pass]] = {
         FuseGroupQueryAttention,
         PackQKV,
         PackGateUp,
+        RemoveLayers,
         QuantWeightOnly,
         GgufExact,
         QuantDynamicInt8,

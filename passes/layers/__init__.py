@@ -1,0 +1,1 @@
+"""Layer skipping: static removal of decoder layers by measured importance."""
