@@ -33,10 +33,10 @@ def optimize(
 
     `overrides` sets options of the recipe's passes by pass name, e.g. {"quant_nested": {"budget_bits": 4.5}};
     `calibration` is a UTF-8 text file for calibrating passes and lossy-pass PPL reports (default: a short
-    English text shipped with onnxlm). `self_draft_layers` N also writes `output/draft/`: the same model with
-    its N least influential layers removed (ShortGPT Block Influence on the calibration text), built with
-    `draft_recipe` (default: the same recipe), for self-speculative decoding. `remove_layers` N or
-    `max_ppl_increase` X (percent) add the `remove_layers` pass to the recipe, after its first cleanup."""
+    English text shipped with onnxlm). `remove_layers` N or `max_ppl_increase` X (percent) add the
+    `remove_layers` pass to the recipe, after its first cleanup. `self_draft_layers` N also writes
+    `output/draft/`: the same model built with `draft_recipe` (default: the same recipe) plus `remove_layers`
+    N, for self-speculative decoding."""
     from onnxlm.artifact import DRAFT_DIR, check_output_dir
     from onnxlm.backends import get_backend
     from onnxlm.passes.recipe import load_recipe
@@ -47,34 +47,23 @@ def optimize(
     check_output_dir(output)
     the_recipe = with_layer_removal(apply_overrides(load_recipe(recipe), overrides or {}), remove_layers,
                                     max_ppl_increase)
-    the_draft_recipe = load_recipe(draft_recipe) if draft_recipe else the_recipe
+    if self_draft_layers is not None:
+        base = load_recipe(draft_recipe) if draft_recipe else apply_overrides(load_recipe(recipe), overrides or {})
+        the_draft_recipe = with_layer_removal(base, self_draft_layers, None)
     backend = get_backend(ep)
     calibration_text = read_text(Path(calibration) if calibration else CALIBRATION_TEXT)
-    if self_draft_layers is not None and self_draft_layers < 1:
-        raise OnnxlmError(f"--self-draft-layers must be at least 1, got {self_draft_layers}")
 
     say(f"loading {model}")
     from onnxlm.frontend import load_source
 
-    source = load_source(model)
-    if self_draft_layers is not None and source.kind == "onnx":
-        raise OnnxlmError("a self-draft removes layers before export, so it needs an HF or GGUF model, not ONNX")
-    compile_source(source, the_recipe, backend, output, calibration_text, say)
+    compile_source(load_source(model), the_recipe, backend, output, calibration_text, say)
     if self_draft_layers is not None:
-        from onnxlm.frontend.remove_layers import block_influence, least_influential, remove_layers
-
-        say(f"self-draft: removing {self_draft_layers} layers by block influence")
-        source = load_source(model)
-        ids = source.tokenizer.encode(calibration_text).ids
-        drop = least_influential(block_influence(source.torch_model, ids), self_draft_layers)
-        source.info = remove_layers(source.torch_model, source.info, drop)
-        compile_source(source, the_draft_recipe, backend, output / DRAFT_DIR, calibration_text, say,
-                       notes={"removed_layers": drop})
+        say(f"self-draft: the model without {self_draft_layers} layers")
+        compile_source(load_source(model), the_draft_recipe, backend, output / DRAFT_DIR, calibration_text, say)
     return load(output)
 
 
-def compile_source(source, recipe, backend, output: Path, calibration_text: str, say: Progress,
-                   notes: dict | None = None) -> None:
+def compile_source(source, recipe, backend, output: Path, calibration_text: str, say: Progress) -> None:
     """Export a loaded source, run the recipe, lower it, write the artifact."""
     from onnxlm.artifact import write_artifact
     from onnxlm.frontend.export import export_decoder
@@ -95,7 +84,7 @@ def compile_source(source, recipe, backend, output: Path, calibration_text: str,
         source.info = ctx.info  # a pass may change the model's facts (remove_layers: num_layers)
         backend.lower(graph)
         say(f"writing {output}")
-        write_artifact(output, graph, source, recipe, reports, notes)
+        write_artifact(output, graph, source, recipe, reports)
 
 
 CALIBRATION_TEXT = Path(__file__).parent / "passes" / "data" / "calibration.txt"

@@ -88,9 +88,8 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def write_artifact(output: Path, model, source, recipe, reports, notes: dict | None = None) -> Path:
-    """Write graph, tokenizer, recipe and manifest into `output`, atomically. `notes` (plain data) say how the
-    model was changed before export, e.g. the layers a self-draft removed."""
+def write_artifact(output: Path, model, source, recipe, reports) -> Path:
+    """Write graph, tokenizer, recipe and manifest into `output`, atomically."""
     import onnx_ir as ir
 
     from onnxlm import __version__
@@ -117,7 +116,6 @@ def write_artifact(output: Path, model, source, recipe, reports, notes: dict | N
             "op_histogram": ops,
             "files": files,
             "packages": package_versions(),
-            **({"notes": notes} if notes else {}),
         }
         _write_json(staging / "manifest.json", manifest)
     return Path(output)

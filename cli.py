@@ -92,8 +92,8 @@ def optimize(
     calibration: Annotated[Optional[Path], typer.Option(
         help="UTF-8 text for calibration and lossy-pass PPL reports (default: a text shipped with onnxlm).")] = None,
     self_draft_layers: Annotated[Optional[int], typer.Option(
-        min=1, help="Also write OUTPUT/draft: the model without its N least influential layers (ShortGPT block "
-                    "influence), for `generate --self-draft`.")] = None,
+        min=1, help="Also write OUTPUT/draft: the model without its N least important layers (as "
+                    "--remove-layers), for `generate --self-draft`.")] = None,
     draft_recipe: Annotated[Optional[str], typer.Option(
         help="Recipe for the self-draft (default: --recipe).")] = None,
     remove_layers: Annotated[Optional[int], typer.Option(

@@ -146,7 +146,7 @@ def main() -> None:
     target = onnxlm.load(ROOT / "out" / "fp32", threads=args.threads)
     turns_target = onnxlm.load(ROOT / "out" / "fp32", threads=args.threads, spinning=False)
     self_draft = turns_target.self_draft()
-    removed = self_draft.manifest.get("notes", {}).get("removed_layers", [])
+    removed = next(p for p in self_draft.manifest["passes"] if p["name"] == "remove_layers")["check"]["removed_layers"]
     drafts = {f"self-draft (-{len(removed)} layers, {self_draft.manifest['recipe']['name']})": self_draft,
               "draft model int4-fast": onnxlm.load(ROOT / "out" / "int4-fast", threads=args.threads, spinning=False)}
     lines = [f"Machine: {machine()}; {args.threads} threads; target `out/fp32`; self-draft removed layers "

@@ -46,10 +46,6 @@ class KVCache:
     def shared(self) -> bool:
         return self.capacity is not None
 
-    @property
-    def batch(self) -> int:
-        return int(self.values[0].shape()[0])
-
     def check_room(self, new_tokens: int) -> None:
         if self.shared and self.length + new_tokens > self.capacity:
             raise OnnxlmError(

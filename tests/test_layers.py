@@ -11,7 +11,7 @@ from conftest import write_tiny_llama
 from onnxlm.errors import OnnxlmError
 from onnxlm.passes.evaluate import open_session, session_perplexity
 from onnxlm.passes.registry import make_pass
-from reference import torch_logits
+from reference import block_influence, drop_layers, torch_logits
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +31,11 @@ def report(art):
 
 def test_removed_layer_matches_torch_without_it(removed_one, three_layers):
     from onnxlm.frontend import load_source
-    from onnxlm.frontend.remove_layers import remove_layers
 
     drop = report(removed_one)["check"]["removed_layers"]
     assert len(drop) == 1 and removed_one.info.num_layers == 2
     source = load_source(str(three_layers))
-    remove_layers(source.torch_model, source.info, drop)
+    drop_layers(source.torch_model, drop)
     ids = removed_one.tokenizer.encode("The quick brown fox jumps over the lazy dog.")
     ours = removed_one.session.step(np.asarray([ids]), removed_one.session.new_cache(capacity=32))[0]
     np.testing.assert_allclose(ours, torch_logits(source.torch_model, ids), atol=1e-4)
@@ -49,7 +48,6 @@ def test_removed_layer_matches_torch_without_it(removed_one, three_layers):
 def test_reported_importance_is_what_it_claims(removed_one, three_layers):
     from onnxlm.api import CALIBRATION_TEXT
     from onnxlm.frontend import load_source
-    from onnxlm.frontend.remove_layers import block_influence
 
     check = report(removed_one)["check"]
     source = load_source(str(three_layers))
