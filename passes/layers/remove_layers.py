@@ -131,7 +131,8 @@ class LayerProbe:
         self.feeds = [feeds_for(self.session, ctx.info, np.asarray([w], np.int64), 0, None, {"layer_skip"})
                       for w in self.windows]
 
-    def _run(self, outputs: list[str], skipped: list[int]):
+    def run(self, outputs: list[str], skipped: list[int]) -> list[list[np.ndarray]]:
+        """`outputs` for each calibration window with the layers `skipped` bypassed."""
         mask = np.zeros(self.layers, bool)
         mask[skipped] = True
         return [self.session.run(outputs, {**feeds, "layer_skip": mask}) for feeds in self.feeds]
@@ -140,7 +141,7 @@ class LayerProbe:
         from onnxlm.metrics import window_nll
 
         nll, count = 0.0, 0
-        for (logits,), w in zip(self._run(["logits"], skipped), self.windows):
+        for (logits,), w in zip(self.run(["logits"], skipped), self.windows):
             nll += window_nll(logits[0, :-1], np.asarray(w[1:]))
             count += len(w) - 1
         return math.exp(nll / count)
@@ -148,7 +149,7 @@ class LayerProbe:
     def block_influence(self) -> list[float]:
         """1 - mean cos(h_in, h_out) per layer, over every calibration token."""
         cos_sum, count = np.zeros(self.layers), 0
-        for hidden in self._run(self.hidden_names, []):
+        for hidden in self.run(self.hidden_names, []):
             h = np.stack([x[0] for x in hidden]).astype(np.float64)  # (layers + 1, seq, hidden)
             unit = h / np.linalg.norm(h, axis=-1, keepdims=True)
             cos_sum += (unit[:-1] * unit[1:]).sum(axis=-1).sum(axis=-1)
