@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import onnxlm  # noqa: E402
 from onnxlm.runtime.bench import NEW_TOKENS, PROMPT_TOKENS, bench_prompt, time_generation  # noqa: E402
 
-from common import GPL3, ROOT, machine, publish, round_robin  # noqa: E402
+from common import GPL3, ROOT, machine, median_ratio, medians, publish, round_robin  # noqa: E402
 
 REMOVED = (2, 4, 6)
 FIRST_EXIT = 20  # the last third of SmolLM2's 30 layers; exits at 15 measured PPL above 1e8 (see docs)
@@ -130,13 +130,14 @@ def main() -> None:
         rows[n] = {"ppl": art.perplexity(text=GPL3.read_text(), max_tokens=4096)["ppl"],
                    "agree": agreement(full_tokens, tokens), "removed": removed}
     short = bench_prompt(tokenizer, PROMPT_TOKENS)
-    speeds = round_robin({n: (lambda a=a: time_generation(a.session, short, NEW_TOKENS)) for n, a in arts.items()},
-                         args.runs)
+    runs = round_robin({n: (lambda a=a: time_generation(a.session, short, NEW_TOKENS)) for n, a in arts.items()},
+                       args.runs)
+    speeds = medians(runs)
     curve, bound = probe_measures(ranking, gpl, args.curve_layers, THRESHOLDS)
     plot(curve, {n: (rows[n]["ppl"], speeds[n][1]) for n in arts}, ROOT / "docs" / "layers-ppl-vs-removed.png")
 
     lines = [f"Machine: {machine()}; {args.threads} threads; decode = 128 new tokens after a 32-token prompt, median "
-             f"of {args.runs} round-robin runs; PPL on GPL-3, first 4096 tokens, windows of 512; agreement = "
+             f"of {args.runs} round-robin runs (speed-up: median of per-round ratios); PPL on GPL-3, first 4096 tokens, windows of 512; agreement = "
              "share of 256 greedy tokens (chat prompt, EOS ignored) equal to the full model's, position by position.",
              "", "| model | layers removed (by PPL without the layer, on the calibration text) | PPL | greedy "
              "agreement | decode tok/s | speed-up |", "|---|---|---|---|---|---|"]
@@ -144,7 +145,7 @@ def main() -> None:
         r = rows[n]
         name = "full (`fp32`)" if n == 0 else f"`--remove-layers {n}`"
         lines.append(f"| {name} | {r['removed'] or '-'} | {r['ppl']:.3f} | {r['agree']:.0%} | {speeds[n][1]:.1f} | "
-                     f"{speeds[n][1] / speeds[0][1]:.2f}x |")
+                     f"{median_ratio(runs, n, 0):.2f}x |")
     lines += ["", f"PPL as layers are removed in rank order {ranking[:args.curve_layers]} (probe graph, GPL-3): "
               + ", ".join(f"{k}: {p:.2f}" for k, p in enumerate(curve)) + ".",
               "", "![PPL against layers removed](layers-ppl-vs-removed.png)", "",

@@ -25,7 +25,7 @@ import onnxlm  # noqa: E402
 from onnxlm.runtime.bench import NEW_TOKENS, PREFILL_TOKENS, PROMPT_TOKENS, bench_prompt, time_generation, time_prefill  # noqa: E402
 from onnxlm.runtime.generate import generate_tokens  # noqa: E402
 
-from common import GPL3, ROOT, dir_size, genai_generation, genai_model, genai_prefill, machine, publish, round_robin  # noqa: E402
+from common import GPL3, ROOT, dir_size, genai_generation, genai_model, genai_prefill, machine, medians, publish, round_robin  # noqa: E402
 
 CACHE = ROOT / "bench" / ".cache"
 
@@ -96,7 +96,7 @@ def main() -> None:
         "onnxlm `fp32` (lowered), genai runtime": lambda: genai_run(genai_on_ours),
         "genai builder fp32, genai runtime": lambda: genai_run(genai_own),
     }
-    med = round_robin(systems, args.runs)
+    med = medians(round_robin(systems, args.runs))
 
     reference = list(generate_tokens(lowered.session, short, NEW_TOKENS))
     tokens = {

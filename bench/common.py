@@ -39,11 +39,9 @@ def publish(section: str, lines: list[str], command: str) -> None:
     write_section(section, table)
 
 
-def round_robin(systems: dict, runs: int) -> dict[str, list[float]]:
-    """One warm-up call each, then `runs` rounds calling every system in turn; name -> per-field medians of the
-    tuples they return (e.g. (ttft s, decode tok/s, prefill s))."""
-    import statistics
-
+def round_robin(systems: dict, runs: int) -> dict[str, list[tuple]]:
+    """One warm-up call each, then `runs` rounds calling every system in turn; name -> the tuple each call
+    returned (e.g. (ttft s, decode tok/s, prefill s)), one per round."""
     for run in systems.values():
         run()
     results = {name: [] for name in systems}
@@ -51,7 +49,21 @@ def round_robin(systems: dict, runs: int) -> dict[str, list[float]]:
         for name, run in systems.items():
             results[name].append(run())
         print(f"run {i + 1}/{runs}: " + ", ".join(f"{r[-1][1]:.1f}" for r in results.values()), flush=True)
+    return results
+
+
+def medians(results: dict[str, list[tuple]]) -> dict[str, list[float]]:
+    import statistics
+
     return {name: [statistics.median(x[k] for x in r) for k in range(len(r[0]))] for name, r in results.items()}
+
+
+def median_ratio(results: dict[str, list[tuple]], name, baseline, field: int = 1) -> float:
+    """The median over rounds of name's field / baseline's field in the same round: robust to the machine's
+    speed drifting between rounds, which a ratio of medians is not."""
+    import statistics
+
+    return statistics.median(a[field] / b[field] for a, b in zip(results[name], results[baseline]))
 
 
 def dir_size(path: Path) -> int:
