@@ -25,6 +25,7 @@ import numpy as np
 
 from onnxlm.errors import OnnxlmError
 from onnxlm.passes.base import Pass, PassContext
+from onnxlm.passes.constants import add_initializer
 from onnxlm.passes.layers.residual import remove_layers, residual_stream
 
 METRICS = ("ppl", "bi")
@@ -109,9 +110,7 @@ class LayerProbe:
         graph.inputs.append(skip)
         layer_in = stream[0]
         for layer in range(self.layers):
-            index = ir.Value(name=f"layer_skip_index_{layer}", shape=ir.Shape([]),
-                             type=ir.TensorType(ir.DataType.INT64), const_value=ir.tensor(np.int64(layer)))
-            graph.initializers.add(index)
+            index = add_initializer(graph, f"layer_skip_index_{layer}", np.array(layer, np.int64))
             flag = ir.node("Gather", [skip, index], {"axis": 0})
             out = stream[2 * layer + 2]
             readers = list(out.uses())

@@ -16,6 +16,7 @@ import collections
 import numpy as np
 
 from onnxlm.passes.base import Pass, PassContext
+from onnxlm.passes.constants import add_initializer
 
 
 def constant_weight(node):
@@ -32,8 +33,7 @@ def packed_matmul(graph, x, weights: list[np.ndarray], name: str):
     """Append MatMul(x, concat(weights, axis=1)) to the graph and return its node."""
     import onnx_ir as ir
 
-    packed = ir.Value(name=f"{name}.weight", const_value=ir.tensor(np.concatenate(weights, axis=1)))
-    graph.initializers.add(packed)
+    packed = add_initializer(graph, f"{name}.weight", np.concatenate(weights, axis=1))
     node = ir.node("MatMul", [x, packed], name=name)
     return node
 
@@ -86,9 +86,7 @@ class PackGateUp(Pass):
             if weights[0].shape[0] != weights[1].shape[0]:
                 continue
             matmul = packed_matmul(graph, x, weights, f"{nodes[0].name}.gate_up_proj")
-            widths = ir.Value(name=f"{matmul.name}.split", const_value=ir.tensor(
-                np.array([w.shape[1] for w in weights], np.int64)))
-            graph.initializers.add(widths)
+            widths = add_initializer(graph, f"{matmul.name}.split", np.array([w.shape[1] for w in weights], np.int64))
             split = ir.node("Split", [matmul.outputs[0], widths], attributes={"axis": -1}, num_outputs=2)
             graph.insert_before(nodes[0], [matmul, split])
             for old, new in zip(nodes, split.outputs):

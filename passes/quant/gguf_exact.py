@@ -22,9 +22,9 @@ import numpy as np
 
 from onnxlm.errors import OnnxlmError
 from onnxlm.passes.base import Pass, PassContext
+from onnxlm.passes.constants import add_initializer
 from onnxlm.passes.quant.linears import (
     OFFSET_SUFFIX,
-    add_initializer,
     dequantized_matmul_nbits,
     drop_unused,
     initializer_bytes,

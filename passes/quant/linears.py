@@ -13,18 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from onnxlm.passes.constants import add_initializer
 
 OFFSET_SUFFIX = ".offset_matmul"
-
-
-def add_initializer(graph, name: str, array: np.ndarray):
-    """A new constant value (with its dtype and shape set) registered as an initializer of `graph`."""
-    import onnx_ir as ir
-
-    tensor = ir.tensor(np.ascontiguousarray(array))
-    value = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
-    graph.initializers.add(value)
-    return value
 
 
 def linear_weight(node) -> np.ndarray | None:

@@ -15,7 +15,8 @@ import numpy as np
 
 from onnxlm.metrics import relative_error
 from onnxlm.passes.base import Pass, PassContext
-from onnxlm.passes.quant.linears import add_initializer, dequantized_matmul_nbits, drop_unused, initializer_bytes, is_lm_head
+from onnxlm.passes.constants import add_initializer
+from onnxlm.passes.quant.linears import dequantized_matmul_nbits, drop_unused, initializer_bytes, is_lm_head
 
 MAX_TIE_ERROR = 0.2  # a 2-bit head of the same table is about 0.4; an unrelated table about 1.4
 
