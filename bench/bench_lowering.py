@@ -22,10 +22,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import onnxlm  # noqa: E402
-from onnxlm.runtime.bench import NEW_TOKENS, PREFILL_TOKENS, PROMPT_TOKENS, bench_prompt, time_generation, time_prefill  # noqa: E402
+from onnxlm.runtime.bench import NEW_TOKENS, PREFILL_TOKENS, PROMPT_TOKENS, bench_prompt  # noqa: E402
 from onnxlm.runtime.generate import generate_tokens  # noqa: E402
 
-from common import GPL3, ROOT, dir_size, genai_generation, genai_model, genai_prefill, machine, medians, publish, round_robin  # noqa: E402
+from common import GPL3, ROOT, dir_size, genai_generation, genai_model, genai_timing, machine, medians, onnxlm_timing, publish, round_robin  # noqa: E402
 
 CACHE = ROOT / "bench" / ".cache"
 
@@ -82,19 +82,11 @@ def main() -> None:
     short = bench_prompt(lowered.tokenizer, PROMPT_TOKENS)
     long = bench_prompt(lowered.tokenizer, PREFILL_TOKENS)
 
-    def onnxlm_run(art):
-        t, d = time_generation(art.session, short, NEW_TOKENS)
-        return t, d, time_prefill(art.session, long)
-
-    def genai_run(model):
-        t, d, _ = genai_generation(model, short, NEW_TOKENS)
-        return t, d, genai_prefill(model, long)
-
     systems = {
-        "onnxlm `fp32` (lowered), onnxlm runtime": lambda: onnxlm_run(lowered),
-        "onnxlm `fp32-plain`, onnxlm runtime": lambda: onnxlm_run(plain),
-        "onnxlm `fp32` (lowered), genai runtime": lambda: genai_run(genai_on_ours),
-        "genai builder fp32, genai runtime": lambda: genai_run(genai_own),
+        "onnxlm `fp32` (lowered), onnxlm runtime": lambda: onnxlm_timing(lowered, short, long),
+        "onnxlm `fp32-plain`, onnxlm runtime": lambda: onnxlm_timing(plain, short, long),
+        "onnxlm `fp32` (lowered), genai runtime": lambda: genai_timing(genai_on_ours, short, long),
+        "genai builder fp32, genai runtime": lambda: genai_timing(genai_own, short, long),
     }
     med = medians(round_robin(systems, args.runs))
 

@@ -20,11 +20,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import onnxlm  # noqa: E402
 from onnxlm.passes.evaluate import open_session, session_perplexity  # noqa: E402
-from onnxlm.runtime.bench import NEW_TOKENS, PREFILL_TOKENS, PROMPT_TOKENS, bench_prompt, time_generation, time_prefill  # noqa: E402
+from onnxlm.runtime.bench import NEW_TOKENS, PREFILL_TOKENS, PROMPT_TOKENS, bench_prompt  # noqa: E402
 from onnxlm.runtime.generate import generate_tokens  # noqa: E402
 
 from bench_lowering import CACHE, ensure_genai_export  # noqa: E402
-from common import GPL3, ROOT, dir_size, genai_generation, genai_model, genai_prefill, machine, median_ratio, medians, publish, round_robin  # noqa: E402
+from common import GPL3, ROOT, dir_size, genai_generation, genai_model, genai_timing, machine, median_ratio, medians, onnxlm_timing, publish, round_robin  # noqa: E402
 
 RECIPES = ["fp32", "int8", "int8-dynamic", "int4-rtn", "int4-calibrated", "int4", "int4-fast",
            "nested-3", "nested-4", "nested-5"]
@@ -48,16 +48,8 @@ def main() -> None:
     tokenizer = arts["fp32"].tokenizer
     short, long = bench_prompt(tokenizer, PROMPT_TOKENS), bench_prompt(tokenizer, PREFILL_TOKENS)
 
-    def onnxlm_run(art):
-        t, d = time_generation(art.session, short, NEW_TOKENS)
-        return t, d, time_prefill(art.session, long)
-
-    def genai_run(model):
-        t, d, _ = genai_generation(model, short, NEW_TOKENS)
-        return t, d, genai_prefill(model, long)
-
-    systems = {f"onnxlm `{r}`": (lambda a=a: onnxlm_run(a)) for r, a in arts.items()}
-    systems.update({name: (lambda m=m: genai_run(m)) for name, m in genai.items()})
+    systems = {f"onnxlm `{r}`": (lambda a=a: onnxlm_timing(a, short, long)) for r, a in arts.items()}
+    systems.update({name: (lambda m=m: genai_timing(m, short, long)) for name, m in genai.items()})
     runs = round_robin(systems, args.runs)
     med = medians(runs)
 

@@ -107,3 +107,19 @@ def genai_prefill(model, prompt: list[int]) -> float:
     start = time.perf_counter()
     generator.append_tokens(prompt)
     return time.perf_counter() - start
+
+
+def onnxlm_timing(art, short: list[int], long: list[int]) -> tuple[float, float, float]:
+    """(TTFT s, decode tok/s, prefill s) of an onnxlm artifact, as `onnxlm bench` defines them."""
+    from onnxlm.runtime.bench import NEW_TOKENS, time_generation, time_prefill
+
+    ttft, decode = time_generation(art.session, short, NEW_TOKENS)
+    return ttft, decode, time_prefill(art.session, long)
+
+
+def genai_timing(model, short: list[int], long: list[int]) -> tuple[float, float, float]:
+    """The same three numbers for an onnxruntime-genai model."""
+    from onnxlm.runtime.bench import NEW_TOKENS
+
+    ttft, decode, _ = genai_generation(model, short, NEW_TOKENS)
+    return ttft, decode, genai_prefill(model, long)

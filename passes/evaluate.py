@@ -55,12 +55,16 @@ def windows_of(ids: list[int], window: int) -> list[list[int]]:
     return [w for w in (ids[i:i + window] for i in range(0, len(ids), window)) if len(w) >= 2]
 
 
-def session_perplexity(session, info: ModelInfo, ids: list[int], window: int = 512) -> float:
-    """PPL over non-overlapping windows, each from an empty cache (the definition of runtime/perplexity.py)."""
+def session_perplexity(session, info: ModelInfo, ids: list[int], window: int = 512, extra: dict | None = None
+                       ) -> float:
+    """PPL over non-overlapping windows, each from an empty cache (the definition of runtime/perplexity.py).
+    `extra`: inputs of the graph beyond a decoder's own (a probe graph's switches), fed to every window."""
+    extra = extra or {}
     nll, scored = 0.0, 0
     for w in windows_of(ids, window):
         tokens = np.asarray([w], np.int64)
-        logits = session.run(["logits"], feeds_for(session, info, tokens, 0, None))[0][0]  # (seq, vocab)
+        feeds = {**feeds_for(session, info, tokens, 0, None, set(extra)), **extra}
+        logits = session.run(["logits"], feeds)[0][0]  # (seq, vocab)
         nll += window_nll(logits[:-1], tokens[0, 1:])
         scored += len(w) - 1
     return math.exp(nll / scored)

@@ -19,7 +19,6 @@ the manifest and genai_config) follow. Lossy: the manager reports the calibratio
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 
@@ -102,7 +101,7 @@ class LayerProbe:
 
         from onnxlm.passes.evaluate import feeds_for, open_session, windows_of
 
-        self.layers = ctx.info.num_layers
+        self.layers, self.info, self.ids = ctx.info.num_layers, ctx.info, ids
         probe = model.clone()
         graph = probe.graph
         stream = residual_stream(graph, self.layers)
@@ -130,20 +129,19 @@ class LayerProbe:
         self.feeds = [feeds_for(self.session, ctx.info, np.asarray([w], np.int64), 0, None, {"layer_skip"})
                       for w in self.windows]
 
+    def mask(self, skipped: list[int]) -> np.ndarray:
+        mask = np.zeros(self.layers, bool)  # (layers,)
+        mask[skipped] = True
+        return mask
+
     def run(self, outputs: list[str], skipped: list[int]) -> list[list[np.ndarray]]:
         """`outputs` for each calibration window with the layers `skipped` bypassed."""
-        mask = np.zeros(self.layers, bool)
-        mask[skipped] = True
-        return [self.session.run(outputs, {**feeds, "layer_skip": mask}) for feeds in self.feeds]
+        return [self.session.run(outputs, {**feeds, "layer_skip": self.mask(skipped)}) for feeds in self.feeds]
 
     def ppl(self, skipped: list[int]) -> float:
-        from onnxlm.metrics import window_nll
+        from onnxlm.passes.evaluate import session_perplexity
 
-        nll, count = 0.0, 0
-        for (logits,), w in zip(self.run(["logits"], skipped), self.windows):
-            nll += window_nll(logits[0, :-1], np.asarray(w[1:]))
-            count += len(w) - 1
-        return math.exp(nll / count)
+        return session_perplexity(self.session, self.info, self.ids, 512, {"layer_skip": self.mask(skipped)})
 
     def block_influence(self) -> list[float]:
         """1 - mean cos(h_in, h_out) per layer, over every calibration token."""
