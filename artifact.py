@@ -29,6 +29,8 @@ FORMAT = "onnxlm-artifact/1"
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 DRAFT_DIR = "draft"  # an optional smaller variant of the same model, for self-speculation
+EXITS_DIR = "exits"  # early-exit artifacts: the decoder cut at its exit (lower, upper, head graphs)
+EXIT_HIDDEN, EXIT_DRIFT = "exit_hidden", "exit_drift"  # the exit's graph outputs: the stream, the signal
 PACKAGES = ("onnxlm", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "tokenizers", "numpy", "torch", "transformers")
 
 
@@ -88,8 +90,9 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def write_artifact(output: Path, model, source, recipe, reports) -> Path:
-    """Write graph, tokenizer, recipe and manifest into `output`, atomically."""
+def write_artifact(output: Path, model, source, recipe, reports, extra_graphs: dict | None = None) -> Path:
+    """Write graph, tokenizer, recipe and manifest into `output`, atomically. `extra_graphs` maps relative paths
+    (e.g. "exits/lower.onnx") to more graphs of the artifact, each with its own external data."""
     import onnx_ir as ir
 
     from onnxlm import __version__
@@ -99,12 +102,16 @@ def write_artifact(output: Path, model, source, recipe, reports) -> Path:
     with atomic_directory(output) as staging:
         model.producer_name, model.producer_version = "onnxlm", __version__
         ir.save(model, staging / MODEL_FILE, external_data=DATA_FILE)
+        for relative, graph in (extra_graphs or {}).items():
+            path = staging / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            ir.save(graph, path, external_data=path.name + ".data")
         source.tokenizer.save(str(staging / "tokenizer.json"))
         _write_json(staging / "tokenizer_config.json", tokenizer_config(source))
         _write_json(staging / "recipe.json", recipe.to_dict())
         ops = op_histogram(model)
         _write_json(staging / "genai_config.json", genai_config(source.info, ops, MODEL_FILE))
-        files = {p.name: p.stat().st_size for p in sorted(staging.iterdir())}
+        files = {str(p.relative_to(staging)): p.stat().st_size for p in sorted(staging.rglob("*")) if p.is_file()}
         manifest = {
             "format": FORMAT,
             "onnxlm_version": __version__,

@@ -31,6 +31,9 @@ def feeds_for(session, info: ModelInfo, tokens: np.ndarray, start: int, past: di
         feeds["attention_mask"] = np.ones((1, start + seq), np.int64)
     if "position_ids" in names:
         feeds["position_ids"] = np.arange(start, start + seq, dtype=np.int64)[None]
+    if "past_halted" in names:  # quicksilver_halting at threshold 0: no token halts
+        feeds["past_halted"] = np.zeros((1, info.num_layers, start), bool)
+        feeds["halt_threshold"] = np.array(0.0, np.float32)
     unknown = set(names) - set(feeds) - fed_elsewhere
     if unknown:
         raise OnnxlmError(f"the graph has inputs the probe does not know: {sorted(unknown)}")

@@ -5,7 +5,12 @@ from __future__ import annotations
 from onnxlm.errors import OnnxlmError
 from onnxlm.passes.base import Pass
 from onnxlm.passes.cleanup import Cleanup
+from onnxlm.passes.larosa.rotate import RotateResidual
+from onnxlm.passes.larosa.sparsify import TopkSparsify
+from onnxlm.passes.layers.exits import EarlyExit
+from onnxlm.passes.layers.halting import QuickSilverHalting
 from onnxlm.passes.layers.remove_layers import RemoveLayers
+from onnxlm.passes.lowering.expose_attention import ExposeAttention
 from onnxlm.passes.lowering.ort_fusions import (
     FuseGroupQueryAttention,
     FuseRmsNorm,
@@ -29,7 +34,12 @@ PASSES: dict[str, type[Pass]] = {
         FuseGroupQueryAttention,
         PackQKV,
         PackGateUp,
+        ExposeAttention,
         RemoveLayers,
+        QuickSilverHalting,
+        EarlyExit,
+        RotateResidual,
+        TopkSparsify,
         QuantWeightOnly,
         GgufExact,
         QuantDynamicInt8,

@@ -1,4 +1,4 @@
-"""The residual stream of a plain (unfused) llama-style decoder graph, and removing whole layers from it.
+"""The residual stream of a llama-style decoder graph (plain and lowered), and removing whole layers from it.
 
 In the exported graph the stream is a chain of Adds: the embedding Gather's output r_0, then for layer l
 r_{2l+1} = r_{2l} + attention(...) and r_{2l+2} = r_{2l+1} + mlp(...). Each r is read by its RMSNorm (Pow, Mul)
@@ -59,3 +59,19 @@ def remove_layers(model, num_layers: int, drop: list[int]) -> None:
         for kind in KV_KINDS:
             inputs[f"past_key_values.{old}.{kind}"].name = f"past_key_values.{new}.{kind}"
             outputs[f"present.{old}.{kind}"].name = f"present.{new}.{kind}"
+
+
+def fused_residual_chain(graph) -> list:
+    """The lowered graph's SkipSimplifiedLayerNormalization nodes along the residual stream, in order: 2 per
+    layer, node 2l adds layer l's attention output, node 2l+1 its MLP output (and normalizes for the next block);
+    output 3 is the stream after the addition."""
+    chain = []
+    node = next((n for n in graph if n.op_type == "SimplifiedLayerNormalization"), None)
+    stream = node.inputs[0] if node is not None else None
+    while stream is not None:
+        nxt = [u.node for u in stream.uses() if u.node.op_type == "SkipSimplifiedLayerNormalization" and u.idx == 1]
+        if len(nxt) != 1:
+            break
+        chain.append(nxt[0])
+        stream = nxt[0].outputs[3] if len(nxt[0].outputs) > 3 else None
+    return chain
