@@ -28,6 +28,8 @@ def optimize(
     draft_recipe: str | None = None,
     remove_layers: int | None = None,
     max_ppl_increase: float | None = None,
+    kv_scores: bool = False,
+    sparsity: float | None = None,
 ) -> Artifact:
     """Load `model`, export it, run the recipe's passes, lower for `ep`, and write the artifact to `output`.
 
@@ -36,9 +38,11 @@ def optimize(
     English text shipped with onnxlm). `remove_layers` N or `max_ppl_increase` X (percent) add the
     `remove_layers` pass to the recipe, after its first cleanup. `self_draft_layers` N also writes
     `output/draft/`: the same model built with `draft_recipe` (default: the same recipe) plus `remove_layers`
-    N, for self-speculative decoding."""
+    N, for self-speculative decoding. `kv_scores` appends the `expose_attention` pass (positions apart from
+    cache slots, attention probabilities as outputs): what the h2o and veda KV policies need."""
     from onnxlm.artifact import DRAFT_DIR, check_output_dir
     from onnxlm.backends import get_backend
+    from onnxlm.passes.larosa.recipe import with_sparsity
     from onnxlm.passes.recipe import load_recipe
 
     say = progress or (lambda _msg: None)
@@ -47,6 +51,9 @@ def optimize(
     check_output_dir(output)
     the_recipe = with_layer_removal(apply_overrides(load_recipe(recipe), overrides or {}), remove_layers,
                                     max_ppl_increase)
+    the_recipe = with_sparsity(the_recipe, sparsity)
+    if kv_scores:
+        the_recipe = with_pass(the_recipe, {"pass": "expose_attention"})
     if self_draft_layers is not None:
         base = load_recipe(draft_recipe) if draft_recipe else apply_overrides(load_recipe(recipe), overrides or {})
         the_draft_recipe = with_layer_removal(base, self_draft_layers, None)
@@ -84,7 +91,17 @@ def compile_source(source, recipe, backend, output: Path, calibration_text: str,
         source.info = ctx.info  # a pass may change the model's facts (remove_layers: num_layers)
         backend.lower(graph)
         say(f"writing {output}")
-        write_artifact(output, graph, source, recipe, reports)
+        write_artifact(output, graph, source, recipe, reports, exit_segments(graph, source.info))
+
+
+def exit_segments(graph, info) -> dict:
+    """The early-exit segments (exits/lower, upper, head) of a graph built with the early_exit pass, else {}."""
+    from onnxlm.artifact import EXITS_DIR
+    from onnxlm.passes.layers.exits import has_exit, split_at_exit
+
+    if not has_exit(graph):
+        return {}
+    return {f"{EXITS_DIR}/{name}.onnx": model for name, model in split_at_exit(graph, info.hidden_size).items()}
 
 
 CALIBRATION_TEXT = Path(__file__).parent / "passes" / "data" / "calibration.txt"
@@ -111,6 +128,16 @@ def with_layer_removal(recipe, n: int | None, max_ppl_increase: float | None):
     at = next((i + 1 for i, p in enumerate(recipe.passes) if p.name == "cleanup"), 0)
     passes = [*recipe.passes[:at], make_pass(spec), *recipe.passes[at:]]
     return Recipe(recipe.name, recipe.description, passes)
+
+
+def with_pass(recipe, spec: dict):
+    """`recipe` with one more pass at its end."""
+    from onnxlm.passes.recipe import Recipe
+    from onnxlm.passes.registry import make_pass
+
+    if any(p.name == spec["pass"] for p in recipe.passes):
+        raise OnnxlmError(f"recipe '{recipe.name}' already has the pass {spec['pass']}")
+    return Recipe(recipe.name, recipe.description, [*recipe.passes, make_pass(spec)])
 
 
 def apply_overrides(recipe, overrides: dict[str, dict]):
@@ -145,6 +172,7 @@ class Artifact:
         self.manifest = self.session.manifest
         self.info = self.session.info
         self.tokenizer = TextTokenizer(directory, self.info)
+        self._exits = None  # early-exit segments, loaded by exit_segments()
 
     def prompt_ids(self, prompt: str, chat: bool = True) -> list[int]:
         """Token ids for a user prompt, wrapped in the model's chat template when it has one and chat=True."""
@@ -164,8 +192,18 @@ class Artifact:
         from onnxlm.runtime.decoding import Decoding, decode
 
         stop = () if ignore_eos else tuple(self.info.eos_token_ids)
-        return decode(self.session, prompt_ids, max_new_tokens, decoding or Decoding(), stop,
-                      draft.session if draft is not None else None, stats)
+        decoding = decoding or Decoding()
+        exits = self.exit_segments() if decoding.exit_threshold is not None else None
+        return decode(self.session, prompt_ids, max_new_tokens, decoding, stop,
+                      draft.session if draft is not None else None, stats, exits)
+
+    def exit_segments(self):
+        """The early-exit segments (DIR/exits/, from the early-exit recipe), loaded on first use."""
+        from onnxlm.runtime.early_exit import ExitSegments
+
+        if self._exits is None:
+            self._exits = ExitSegments(self.session)
+        return self._exits
 
     def self_draft(self, spinning: bool = False) -> Artifact:
         """The artifact's own cheaper variant (its `draft/` directory, built by `optimize --self-draft-layers`),
@@ -194,8 +232,14 @@ class Artifact:
         return pieces if stream else "".join(pieces)
 
     def perplexity(self, path: str | Path | None = None, *, text: str | None = None, max_tokens: int = 4096,
-                   window: int = 512, on_window=None) -> dict:
-        """PPL over the first `max_tokens` tokens of a UTF-8 text file (or of `text=`), in windows of `window`."""
+                   window: int = 512, on_window=None, kv_policy=None, halt_threshold: float | None = None,
+                   exit_threshold: float | None = None) -> dict:
+        """PPL over the first `max_tokens` tokens of a UTF-8 text file (or of `text=`), in windows of `window`.
+        Under an evicting `kv_policy` (a runtime.kv_policy.KVPolicyConfig) each window is scored token by token
+        from what the policy keeps. `halt_threshold`: QuickSilver token halting (a quicksilver artifact).
+        `exit_threshold`: early exit (an early-exit artifact), scored one token per decode step."""
+        from onnxlm.runtime.bounded_cache import bounded_perplexity
+        from onnxlm.runtime.early_exit import exit_perplexity
         from onnxlm.runtime.perplexity import perplexity
 
         if (path is None) == (text is None):
@@ -205,9 +249,22 @@ class Artifact:
         if max_tokens < 2:
             raise OnnxlmError(f"max_tokens must be at least 2, got {max_tokens}")
         ids = self.tokenizer.encode(text, add_bos=False)[:max_tokens]
-        return perplexity(self.session, ids, window, on_window)
+        if exit_threshold is not None:
+            if halt_threshold is not None or (kv_policy is not None and kv_policy.name != "full"):
+                raise OnnxlmError("early exit does not combine with token halting or an evicting KV policy")
+            return exit_perplexity(self.session, self.exit_segments(), ids, exit_threshold, window)
+        if kv_policy is not None and kv_policy.name != "full":
+            if halt_threshold is not None:
+                raise OnnxlmError("token halting and an evicting KV policy do not combine")
+            return bounded_perplexity(self.session, ids, kv_policy, window, on_window)
+        return perplexity(self.session, ids, window, on_window, halt_threshold)
 
-    def bench(self, runs: int = 5, on_run=None) -> dict:
+    def bench(self, runs: int = 5, on_run=None, context: int = 32, kv_policy=None,
+              halt_threshold: float | None = None, exit_threshold: float | None = None) -> dict:
+        """TTFT and decode tok/s after a `context`-token prompt (under `kv_policy`; with token halting at
+        `halt_threshold` on a quicksilver artifact), and prefill-512 time."""
         from onnxlm.runtime.bench import bench
 
-        return bench(self.session, self.tokenizer, runs=runs, on_run=on_run)
+        exits = (self.exit_segments(), exit_threshold) if exit_threshold is not None else None
+        return bench(self.session, self.tokenizer, runs=runs, on_run=on_run, context=context, kv_policy=kv_policy,
+                     halt_threshold=halt_threshold, exits=exits)

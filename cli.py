@@ -30,6 +30,24 @@ err = Console(stderr=True)
 out = Console(soft_wrap=True)  # long lines (pipelines, paths) stay whole for grep
 
 Threads = Annotated[Optional[int], typer.Option(min=1, help="Intra-op threads (default: ORT's choice, one per physical core, pinned).")]
+KvPolicy = Annotated[str, typer.Option(help="KV cache: full | sinks-window | h2o | veda (h2o and veda need an "
+                                            "artifact built with --kv-scores).")]
+KvBudget = Annotated[Optional[int], typer.Option(min=1, help="KV policy: most cache slots kept.")]
+Sinks = Annotated[int, typer.Option(min=0, help="KV policy: first tokens always kept (attention sinks).")]
+HaltThreshold = Annotated[Optional[float], typer.Option(
+    min=0.0, help="QuickSilver token halting on a quicksilver artifact: a token skips the deeper layers (and their "
+                  "K/V) once a layer moves its residual by less than TAU x its norm.")]
+ExitThreshold = Annotated[Optional[float], typer.Option(
+    min=0.0, help="Early exit on an early-exit artifact: a decode step stops at the exit layer when that layer "
+                  "moved the residual by less than T x its norm.")]
+
+
+def kv_config(policy: str, budget: int | None, sinks: int):
+    from onnxlm.runtime.kv_policy import KVPolicyConfig
+
+    if policy == "full" and budget is not None:
+        raise OnnxlmError("--kv-budget needs an evicting --kv-policy (sinks-window, h2o or veda)")
+    return KVPolicyConfig(policy, budget, sinks)
 
 
 @contextlib.contextmanager
@@ -102,6 +120,12 @@ def optimize(
     max_ppl_increase: Annotated[Optional[float], typer.Option(
         min=0.0, help="Remove layers, least important first, while the calibration PPL rises by at most X "
                       "percent.")] = None,
+    kv_scores: Annotated[bool, typer.Option(
+        help="Also output each layer's attention probabilities and take positions apart from cache slots (the "
+             "expose_attention pass), for --kv-policy h2o / veda.")] = False,
+    sparsity: Annotated[Optional[float], typer.Option(
+        min=0.0, max=0.83, help="La RoSA: rotate the residual stream (lossless) and keep the top (1 - S) of each "
+                               "linear's input per token in decode (0.8 S on rotated inputs, 1.2 S on o/down).")] = None,
 ):
     """Export MODEL, run a recipe of passes over it, and write a self-contained artifact to OUTPUT."""
     from onnxlm.api import optimize as run_optimize
@@ -110,7 +134,8 @@ def optimize(
     with steps() as say:
         art = run_optimize(model, recipe=recipe, output=output, ep=ep, progress=say, overrides=overrides,
                            calibration=calibration, self_draft_layers=self_draft_layers, draft_recipe=draft_recipe,
-                           remove_layers=remove_layers, max_ppl_increase=max_ppl_increase)
+                           remove_layers=remove_layers, max_ppl_increase=max_ppl_increase,
+                           kv_scores=kv_scores, sparsity=sparsity)
     for report in art.manifest["passes"]:
         err.print(f"  {report['name']}: {report['nodes_before']} -> {report['nodes_after']} nodes, "
                   f"{check_summary(report['check'])}")
@@ -143,6 +168,11 @@ def generate(
     chunk_size: Annotated[Optional[int], typer.Option(min=1, help="Prefill the prompt in chunks of C tokens.")] = None,
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop where this text appears (repeatable).")] = None,
     stats: Annotated[bool, typer.Option(help="Print the time taken (and speculative decoding's acceptance) to stderr.")] = False,
+    kv_policy: KvPolicy = "full",
+    kv_budget: KvBudget = None,
+    sinks: Sinks = 4,
+    halt_threshold: HaltThreshold = None,
+    exit_threshold: ExitThreshold = None,
     threads: Threads = None,
 ):
     """Generate text from an artifact, streamed to stdout as it is decoded."""
@@ -163,8 +193,10 @@ def generate(
     if sources and mode != "speculative":
         raise OnnxlmError(f"{sources[0]} drafts for --decoding speculative, not {mode}")
     sampling = SamplingConfig(**given) if given or mode == "sample" else None
-    spec = Decoding(mode, sampling, num_beams, length_penalty, early_stopping, prompt_lookup, max_draft, chunk_size)
-    turns = self_draft or draft is not None  # two sessions taking turns: no spinning workers (backends/cpu.py)
+    spec = Decoding(mode, sampling, num_beams, length_penalty, early_stopping, prompt_lookup, max_draft, chunk_size,
+                    kv_config(kv_policy, kv_budget, sinks), halt_threshold, exit_threshold)
+    # sessions taking turns (a draft, the early-exit segments): no spinning workers (backends/cpu.py)
+    turns = self_draft or draft is not None or exit_threshold is not None
     art = load(directory, threads=threads, spinning=not turns)
     drafter = art.self_draft() if self_draft else load(draft, threads=threads, spinning=False) if draft else None
     if mode == "speculative" and not sources:
@@ -192,16 +224,29 @@ def evaluate(
     max_tokens: Annotated[int, typer.Option(min=2, help="Score the first N tokens of the text.")] = 4096,
     window: Annotated[int, typer.Option(min=2, help="Window length; each window starts from an empty cache.")] = 512,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    kv_policy: KvPolicy = "full",
+    kv_budget: KvBudget = None,
+    sinks: Sinks = 4,
+    halt_threshold: HaltThreshold = None,
+    exit_threshold: ExitThreshold = None,
     threads: Threads = None,
 ):
-    """Perplexity over non-overlapping windows of a text, no special tokens added."""
+    """Perplexity over non-overlapping windows of a text, no special tokens added. Under an evicting
+    --kv-policy each window is scored one token per step, from what the policy kept (StreamingLLM's protocol)."""
     from onnxlm.api import load
 
-    art = load(directory, threads=threads)
+    art = load(directory, threads=threads, spinning=exit_threshold is None)
+    kv = kv_config(kv_policy, kv_budget, sinks)
     with counted("scoring windows") as advance:
-        result = art.perplexity(text, max_tokens=max_tokens, window=window, on_window=advance)
+        result = art.perplexity(text, max_tokens=max_tokens, window=window, on_window=advance, kv_policy=kv,
+                                halt_threshold=halt_threshold, exit_threshold=exit_threshold)
+    policy = "" if kv.name == "full" else f", KV {kv.name} budget {kv.budget}"
+    if halt_threshold is not None:
+        policy += f", halting at {halt_threshold}: {result['layers_skipped']:.1%} of token-layers skipped"
+    if exit_threshold is not None:
+        policy += f", early exit at {exit_threshold}: {result['exit_rate']:.1%} of steps exited"
     emit(result, as_json, f"perplexity {result['ppl']:.4f} over {result['tokens']} tokens "
-                          f"({result['windows']} windows of {window}) in {result['seconds']:.1f} s")
+                          f"({result['windows']} windows of {window}{policy}) in {result['seconds']:.1f} s")
 
 
 @app.command()
@@ -210,16 +255,25 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     threads: Threads = None,
     runs: Annotated[int, typer.Option(min=1, help="Runs per measurement; the median is reported.")] = 5,
+    context: Annotated[int, typer.Option(min=1, help="Prompt tokens before the timed decode.")] = 32,
+    kv_policy: KvPolicy = "full",
+    kv_budget: KvBudget = None,
+    sinks: Sinks = 4,
+    halt_threshold: HaltThreshold = None,
+    exit_threshold: ExitThreshold = None,
 ):
-    """TTFT (32-token prompt), greedy decode tok/s (128 new tokens) and 512-token prefill time; medians."""
+    """TTFT (a --context-token prompt, default 32), greedy decode tok/s (128 new tokens after it) and 512-token
+    prefill time; medians. With a long --context and a --kv-policy: decode speed at long context."""
     from onnxlm.api import load
 
-    art = load(directory, threads=threads)
+    art = load(directory, threads=threads, spinning=exit_threshold is None)
     with counted("benchmark runs") as advance:
-        result = art.bench(runs=runs, on_run=advance)
-    emit(result, as_json, f"TTFT {result['ttft_s'] * 1000:.1f} ms | decode {result['decode_tok_s']:.1f} tok/s | "
-                          f"prefill-512 {result['prefill512_s']:.3f} s | {result['threads'] or 'auto'} threads, "
-                          f"median of {runs}")
+        result = art.bench(runs=runs, on_run=advance, context=context,
+                           kv_policy=kv_config(kv_policy, kv_budget, sinks), halt_threshold=halt_threshold,
+                           exit_threshold=exit_threshold)
+    emit(result, as_json, f"TTFT {result['ttft_s'] * 1000:.1f} ms ({context}-token prompt) | decode "
+                          f"{result['decode_tok_s']:.1f} tok/s | prefill-512 {result['prefill512_s']:.3f} s | "
+                          f"{result['threads'] or 'auto'} threads, median of {runs}")
 
 
 @app.command()

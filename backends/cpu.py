@@ -21,6 +21,8 @@ def session_options(threads: int | None = None, profile: bool = False, spinning:
       for sessions that take turns, as a speculative target and its draft model do: each session's idle
       workers would spin on the cores the other one is computing on.
     - Sequential execution (a decoder graph is a chain) and all graph optimizations.
+    - Errors only in the log: a run-time switch (La RoSA's `sparsify_all_positions`) is an initializer that is
+      also a graph input on purpose, which ORT would warn about at every load.
     """
     import onnxruntime as ort
 
@@ -30,6 +32,7 @@ def session_options(threads: int | None = None, profile: bool = False, spinning:
     opts.intra_op_num_threads = 0 if threads is None or threads >= usable_cores() else threads
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     opts.enable_profiling = profile
+    opts.log_severity_level = 3
     return opts
 
 

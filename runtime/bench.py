@@ -1,8 +1,9 @@
 """Latency and throughput of one artifact: TTFT, greedy decode tok/s, prefill time. Medians of N runs.
 
 Definitions (shared with bench/, so numbers from both sides compare):
-- ttft_s: a 32-token prompt, from the call to the first new token chosen (prefill + argmax). The KV cache is
-  allocated before the clock starts, as onnxruntime-genai allocates its buffers when a generator is made.
+- ttft_s: a 32-token prompt (or `context` tokens), from the call to the first new token chosen (prefill +
+  argmax). The KV cache is allocated before the clock starts, as onnxruntime-genai allocates its buffers when
+  a generator is made.
 - decode_tok_s: 128 new tokens after that prompt; (128 - 1) / (time of token 128 - time of token 1).
 - prefill512_s: one forward pass over a 512-token prompt from an empty cache.
 """
@@ -14,7 +15,11 @@ import time
 
 import numpy as np
 
+from onnxlm.runtime.bounded_cache import bounded_prefill, policy_step
+from onnxlm.runtime.bounded_cache import start as start_bounded
+from onnxlm.runtime.early_exit import ExitState, exit_step
 from onnxlm.runtime.generate import decode_one_token, greedy, prefill
+from onnxlm.runtime.kv_policy import KVPolicyConfig
 from onnxlm.runtime.session import DecoderSession
 
 # Fixed English text so that every run and every system sees the same prompt tokens.
@@ -33,14 +38,30 @@ def bench_prompt(tokenizer, length: int) -> list[int]:
     return (ids * (length // len(ids) + 1))[:length]
 
 
-def time_generation(model: DecoderSession, prompt: list[int], new_tokens: int) -> tuple[float, float]:
-    """Return (ttft seconds, decode tok/s) for one greedy run that ignores EOS."""
-    cache = model.new_cache(capacity=len(prompt) + new_tokens)  # allocated per request, before the clock
+def time_generation(model: DecoderSession, prompt: list[int], new_tokens: int,
+                    kv_policy: KVPolicyConfig | None = None, halt_threshold: float | None = None,
+                    exits: tuple | None = None) -> tuple[float, float]:
+    """Return (ttft seconds, decode tok/s) for one greedy run that ignores EOS, under `kv_policy` if given, with
+    token halting at `halt_threshold` if given, with early exit if `exits` = (segments, threshold)."""
+    if exits is not None:
+        segments, threshold = exits
+        cache = model.new_cache(capacity=len(prompt) + new_tokens)
+        state = ExitState(lower=len(prompt), upper=len(prompt))
+        run_prompt = lambda: prefill(model, cache, prompt)  # noqa: E731
+        run_token = lambda t: exit_step(segments, cache, state, t, threshold)  # noqa: E731
+    elif kv_policy is not None and kv_policy.name != "full":
+        policy, cache = start_bounded(model, kv_policy, len(prompt) + new_tokens)
+        run_prompt = lambda: bounded_prefill(model, cache, policy, prompt)  # noqa: E731
+        run_token = lambda t: policy_step(model, cache, policy, [t])[-1]  # noqa: E731
+    else:
+        cache = model.new_cache(capacity=len(prompt) + new_tokens, halt_threshold=halt_threshold)  # before the clock
+        run_prompt = lambda: prefill(model, cache, prompt)  # noqa: E731
+        run_token = lambda t: decode_one_token(model, cache, t)  # noqa: E731
     start = time.perf_counter()
-    token = greedy(prefill(model, cache, prompt))
+    token = greedy(run_prompt())
     first = time.perf_counter()
     for _ in range(new_tokens - 1):
-        token = greedy(decode_one_token(model, cache, token))
+        token = greedy(run_token(token))
     last = time.perf_counter()
     return first - start, (new_tokens - 1) / (last - first)
 
@@ -55,12 +76,14 @@ def time_prefill(model: DecoderSession, prompt: list[int]) -> float:
 PROMPT_TOKENS, NEW_TOKENS, PREFILL_TOKENS = 32, 128, 512
 
 
-def bench(model: DecoderSession, tokenizer, runs: int = 5, on_run=None) -> dict:
-    short, long = bench_prompt(tokenizer, PROMPT_TOKENS), bench_prompt(tokenizer, PREFILL_TOKENS)
-    time_generation(model, short, 4)  # warm-up: first-run allocations are not what we measure
+def bench(model: DecoderSession, tokenizer, runs: int = 5, on_run=None, context: int = PROMPT_TOKENS,
+          kv_policy: KVPolicyConfig | None = None, halt_threshold: float | None = None,
+          exits: tuple | None = None) -> dict:
+    short, long = bench_prompt(tokenizer, context), bench_prompt(tokenizer, PREFILL_TOKENS)
+    time_generation(model, short, 4, kv_policy, halt_threshold, exits)  # warm-up: first-run allocations
     ttft, decode, prefill_s = [], [], []
     for i in range(runs):
-        t, d = time_generation(model, short, NEW_TOKENS)
+        t, d = time_generation(model, short, NEW_TOKENS, kv_policy, halt_threshold, exits)
         ttft.append(t)
         decode.append(d)
         prefill_s.append(time_prefill(model, long))
@@ -72,4 +95,8 @@ def bench(model: DecoderSession, tokenizer, runs: int = 5, on_run=None) -> dict:
         "prefill512_s": statistics.median(prefill_s),
         "runs": runs,
         "threads": model.threads,
+        "context": context,
+        "kv_policy": (kv_policy or KVPolicyConfig()).name,
+        "halt_threshold": halt_threshold,
+        "exit_threshold": exits[1] if exits else None,
     }

@@ -1,7 +1,9 @@
 """How to decode, as plain data, and the one function that picks the loop for it.
 
-greedy and sample run generate.generate_tokens; beam runs beam.beam_search; speculative runs
-speculative.speculative_generate with a drafter (prompt lookup or a draft decoder). All of them stream token ids.
+greedy and sample run generate.generate_tokens, or bounded_cache.bounded_generate under an evicting KV policy, or
+early_exit.exit_generate with an exit threshold;
+beam runs beam.beam_search; speculative runs speculative.speculative_generate with a drafter (prompt lookup or a
+draft decoder). All of them stream token ids.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ from collections.abc import Iterator
 
 from onnxlm.errors import OnnxlmError
 from onnxlm.runtime.beam import beam_search
+from onnxlm.runtime.bounded_cache import bounded_generate
+from onnxlm.runtime.early_exit import ExitSegments, exit_generate
 from onnxlm.runtime.generate import generate_tokens
+from onnxlm.runtime.kv_policy import KVPolicyConfig
 from onnxlm.runtime.sampling import Sampler, SamplingConfig
 from onnxlm.runtime.session import DecoderSession
 from onnxlm.runtime.speculative import ModelDrafter, PromptLookup, SpeculativeStats, speculative_generate
@@ -29,6 +34,9 @@ class Decoding:
     prompt_lookup: bool = False  # speculative: draft from n-gram matches in the context
     max_draft: int = 8  # speculative: most tokens per draft (the length adapts below it)
     chunk_size: int | None = None  # greedy/sample: prefill in chunks of this many tokens
+    kv_policy: KVPolicyConfig = KVPolicyConfig()  # greedy/sample: the KV cache's eviction policy
+    halt_threshold: float | None = None  # greedy/sample: QuickSilver token halting (quicksilver artifacts)
+    exit_threshold: float | None = None  # greedy/sample: early exit when the drift is below it (early-exit artifacts)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -39,6 +47,20 @@ class Decoding:
             raise OnnxlmError(f"sampling options do not apply to --decoding {self.mode}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise OnnxlmError(f"chunk size must be at least 1, got {self.chunk_size}")
+        if self.kv_policy.name != "full" and self.mode not in ("greedy", "sample"):
+            raise OnnxlmError(f"--kv-policy {self.kv_policy.name} runs with greedy or sampled decoding, "
+                              f"not {self.mode}")
+        if self.halt_threshold is not None and (self.mode not in ("greedy", "sample") or
+                                                self.kv_policy.name != "full"):
+            raise OnnxlmError("--halt-threshold runs with greedy or sampled decoding and the full KV cache")
+        if self.halt_threshold is not None and self.halt_threshold < 0:
+            raise OnnxlmError(f"--halt-threshold must be >= 0, got {self.halt_threshold}")
+        if self.exit_threshold is not None and (self.mode not in ("greedy", "sample") or self.kv_policy.name != "full"
+                                                or self.halt_threshold is not None or self.chunk_size is not None):
+            raise OnnxlmError("--exit-threshold runs with greedy or sampled decoding, the full KV cache and no "
+                              "other option of the cache")
+        if self.kv_policy.name != "full" and self.chunk_size is not None:
+            raise OnnxlmError("--kv-policy chunks the prompt to fit its budget: leave out --chunk-size")
 
 
 def decode(
@@ -49,6 +71,7 @@ def decode(
     stop_ids: tuple[int, ...] = (),
     draft_model: DecoderSession | None = None,
     stats: SpeculativeStats | None = None,
+    exits: ExitSegments | None = None,
 ) -> Iterator[int]:
     """New token ids for `prompt_ids` under `decoding`; beam search yields its best hypothesis at the end."""
     sampler = Sampler(decoding.sampling)
@@ -66,4 +89,10 @@ def decode(
             draft_model, len(prompt_ids) + max_new_tokens)
         return speculative_generate(model, drafter, prompt_ids, max_new_tokens, stop_ids, sampler,
                                     decoding.max_draft, stats)
-    return generate_tokens(model, prompt_ids, max_new_tokens, stop_ids, sampler, decoding.chunk_size)
+    if decoding.exit_threshold is not None:
+        return exit_generate(model, exits or ExitSegments(model), prompt_ids, max_new_tokens, decoding.exit_threshold,
+                             stop_ids, sampler)
+    if decoding.kv_policy.name != "full":
+        return bounded_generate(model, prompt_ids, max_new_tokens, decoding.kv_policy, stop_ids, sampler)
+    return generate_tokens(model, prompt_ids, max_new_tokens, stop_ids, sampler, decoding.chunk_size,
+                           decoding.halt_threshold)

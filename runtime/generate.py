@@ -5,7 +5,7 @@ Beam search lives in beam.py, speculative decoding in speculative.py, multi-requ
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -53,17 +53,27 @@ def generate_tokens(
     stop_ids: tuple[int, ...] = (),
     sampler: Sampler | None = None,
     chunk_size: int | None = None,
+    halt_threshold: float | None = None,
 ) -> Iterator[int]:
-    """Greedy or sampled decoding. Yields each new token as soon as it is chosen; stops after a stop token."""
+    """Greedy or sampled decoding. Yields each new token as soon as it is chosen; stops after a stop token.
+    `halt_threshold`: QuickSilver token halting on a quicksilver graph."""
     check_lengths(model, prompt_ids, max_new_tokens)
     choose = sampler or Sampler()
-    context = list(prompt_ids)
-    cache = model.new_cache(capacity=len(prompt_ids) + max_new_tokens)
+    cache = model.new_cache(capacity=len(prompt_ids) + max_new_tokens, halt_threshold=halt_threshold)
     logits = prefill(model, cache, prompt_ids, chunk_size)
+    yield from decode_loop(logits, prompt_ids, max_new_tokens, stop_ids, choose,
+                           lambda token: decode_one_token(model, cache, token))
+
+
+def decode_loop(logits: np.ndarray, prompt_ids: list[int], max_new_tokens: int, stop_ids: tuple[int, ...],
+                choose: Sampler, step: Callable[[int], np.ndarray]) -> Iterator[int]:
+    """From the prompt's last logits (vocab,): choose a token, yield it, `step` it for the next logits, until a
+    stop token or max_new_tokens. The loop every single-sequence decoder shares."""
+    context = list(prompt_ids)
     for i in range(max_new_tokens):
         token = choose(logits, context)
         context.append(token)
         yield token
         if token in stop_ids or i + 1 == max_new_tokens:
             return
-        logits = decode_one_token(model, cache, token)
+        logits = step(token)

@@ -33,6 +33,13 @@ class KVCache:
     arrays: list | None = None  # shared layout: the numpy buffers behind `values`
     binding: Any = None  # shared layout: the session's IO binding with these buffers bound as past and present
     decode_logits: Any = None  # (batch, 1, vocab) float32, reused by every decode step of this cache
+    offset: int = 0  # tokens evicted while the kept keys keep their original positions (see kv_policy.py)
+    halted: Any = None  # quicksilver graphs: (batch, layers, capacity) bool, which slots skipped which layers
+    halt_threshold: float = 0.0  # quicksilver graphs: the drift below which a token halts (0: never)
+    layers_skipped: int = 0  # quicksilver graphs: token-layers skipped / run so far
+    layers_run: int = 0
+    sparse_all_positions: bool = False  # La RoSA graphs: top-k on every position, not only in decode (eval)
+    switch_value: Any = None  # the OrtValue bound for that switch
 
     @classmethod
     def empty(cls, names: list[str], batch: int, kv_heads: int, head_dim: int,

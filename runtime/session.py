@@ -49,20 +49,34 @@ class DecoderSession:
         self.kv_input_names = self._ordered_kv("past_key_values.{}.{}")
         self.kv_output_names = self._ordered_kv("present.{}.{}")
         self.shared_kv = shares_kv_buffer(self.manifest.get("op_histogram", {}))
+        # Built with the expose_attention pass: positions apart from cache slots, and per-layer probabilities.
+        self.separate_positions = any(r["name"] == "expose_attention" for r in self.manifest.get("passes", []))
+        outputs = {o.name for o in self.session.get_outputs()}
+        self.probs_names = [n for n in (f"attention_probs.{i}" for i in range(self.info.num_layers)) if n in outputs]
+        self.halting = "past_halted" in self.input_names  # built by the quicksilver recipe
+        # La RoSA graphs sparsify in decode only, unless this switch (an input with a default) says every position.
+        self.sparse_switch = "sparsify_all_positions" in {i.name for i in self.session.get_overridable_initializers()}
 
     def _ordered_kv(self, fmt: str) -> list[str]:
         return [fmt.format(i, kind) for i in range(self.info.num_layers) for kind in ("key", "value")]
 
-    def new_cache(self, batch: int = 1, capacity: int | None = None) -> KVCache:
-        """An empty cache. `capacity` (positions) sizes the shared buffer of a GQA graph; default: context length."""
+    def new_cache(self, batch: int = 1, capacity: int | None = None, halt_threshold: float | None = None) -> KVCache:
+        """An empty cache. `capacity` (positions) sizes the shared buffer of a GQA graph; default: context length.
+        `halt_threshold`: QuickSilver's drift threshold, on a graph built by the quicksilver recipe."""
         if self.shared_kv:
             capacity = min(capacity or self.info.context_length, self.info.context_length)
         else:
             capacity = None
-        return KVCache.empty(self.kv_input_names, batch, self.info.num_kv_heads, self.info.head_dim, capacity)
+        cache = KVCache.empty(self.kv_input_names, batch, self.info.num_kv_heads, self.info.head_dim, capacity)
+        if halt_threshold is not None and not self.halting:
+            raise OnnxlmError("--halt-threshold needs an artifact built with `onnxlm optimize ... --recipe quicksilver`")
+        if self.halting:
+            cache.halted = np.zeros((batch, self.info.num_layers, capacity), bool)  # (batch, layers, capacity)
+            cache.halt_threshold = float(halt_threshold or 0.0)
+        return cache
 
     def step(self, token_ids: np.ndarray, cache: KVCache, positions: np.ndarray | None = None) -> np.ndarray:
-        """Run `token_ids` (batch, seq) at positions cache.length.. and advance the cache.
+        """Run `token_ids` (batch, seq) at positions cache.length + cache.offset.. and advance the cache.
 
         Returns logits (batch, seq, vocab) as float32. For a decode step (seq == 1) the array is the cache's own
         buffer, overwritten by its next decode step: copy it to keep it.
@@ -83,8 +97,20 @@ class DecoderSession:
         else:
             cache.check_room(seq)
             total = cache.length + seq
-            positions = np.broadcast_to(np.arange(cache.length, total, dtype=np.int64), (batch, seq)).copy()
+            if cache.offset and not self.separate_positions:
+                raise OnnxlmError("this graph reads cache slots from position_ids: positions past the slots need "
+                                  "an artifact built with `onnxlm optimize ... --kv-scores`")
+            first = cache.length + cache.offset  # offset: tokens evicted from a cache that keeps original positions
+            positions = np.broadcast_to(np.arange(first, first + seq, dtype=np.int64), (batch, seq)).copy()
         io = self._binding(cache)
+        first_slot = cache.length
+        if self.halting:
+            if ragged:
+                raise OnnxlmError("token halting runs one request at a time")
+            self._bind_halting(io, cache)
+        if self.sparse_switch:
+            cache.switch_value = ort_value(np.array(cache.sparse_all_positions))  # kept alive while bound
+            io.bind_ortvalue_input("sparsify_all_positions", cache.switch_value)
         io.bind_cpu_input("input_ids", np.ascontiguousarray(token_ids, dtype=np.int64))
         if "attention_mask" in self.input_names:
             io.bind_cpu_input("attention_mask", np.ones((batch, total), np.int64))
@@ -98,13 +124,43 @@ class DecoderSession:
         else:  # prefill: ORT's arena reuses its memory across requests; a fresh 100 MB array would page-fault
             io.bind_output("logits", "cpu")
         self.session.run_with_iobinding(io)
+        if self.halting:
+            self._record_halting(io, cache, first_slot)
         if cache.shared and seq == 1:  # the hot path: nothing to fetch, the buffers were written in place
             if not ragged:
                 cache.advance(None, seq)
             return logits
-        outputs = io.get_outputs()  # [logits, *presents] in binding order
-        cache.advance(None if cache.shared else outputs[1:], seq)
+        outputs = io.get_outputs()  # [logits, *presents, *probs] in binding order
+        presents = outputs[1 : 1 + len(self.kv_output_names)]
+        cache.advance(None if cache.shared else presents, seq)
         return logits if seq == 1 else outputs[0].numpy()
+
+    def step_probs(self, token_ids: np.ndarray, cache: KVCache) -> tuple[np.ndarray, list[np.ndarray]]:
+        """`step`, also returning each layer's attention probabilities (batch, num_heads, seq, >= cache.length)
+        over the cache's slots: the scores of the H2O and VEDA eviction policies (a --kv-scores artifact)."""
+        if not self.probs_names:
+            raise OnnxlmError("this artifact has no attention probability outputs: build it with "
+                              "`onnxlm optimize ... --kv-scores`")
+        if not cache.shared:
+            raise OnnxlmError("attention probabilities need a GroupQueryAttention graph")
+        io = self._binding(cache)
+        for name in self.probs_names:  # anew each step: the shape changes, and a fetched output stays bound
+            io.bind_output(name, "cpu")
+        logits = self.step(token_ids, cache)
+        probs = io.get_outputs()[-len(self.probs_names):]
+        return logits, [p.numpy() for p in probs]
+
+    def _bind_halting(self, io, cache: KVCache) -> None:
+        """QuickSilver graphs: which cached tokens skipped which layers, and the drift threshold."""
+        io.bind_cpu_input("past_halted", np.ascontiguousarray(cache.halted[:, :, : cache.length]))
+        io.bind_cpu_input("halt_threshold", np.array(cache.halt_threshold, np.float32))
+        io.bind_output("halted", "cpu")  # anew each step: its shape changes
+
+    def _record_halting(self, io, cache: KVCache, first_slot: int) -> None:
+        halted = io.get_outputs()[-1].numpy()  # (batch, layers, seq), bound last
+        cache.halted[:, :, first_slot : first_slot + halted.shape[2]] = halted
+        cache.layers_skipped += int(halted.sum())
+        cache.layers_run += halted.size
 
     def _binding(self, cache: KVCache):
         """The IO binding for this step. A shared cache keeps one, its buffers bound once as past and present;
