@@ -1,9 +1,10 @@
 """Static layer removal on SmolLM2-135M: PPL against layers removed (PNG), and for the built artifacts PPL, greedy
 agreement with the full model over 256 tokens, and decode tok/s, all in one run (round-robin, medians).
 
-Needs out/fp32 and out/remove-{2,4,6}:
+Needs out/fp32, out/remove-{2,4,6} and out/early-exit:
     for n in 2 4 6; do onnxlm optimize smollm2-135m -o out/remove-$n --remove-layers $n; done
-    python bench/bench_layers.py --runs 5 --threads 2
+    onnxlm optimize smollm2-135m -o out/early-exit --recipe early-exit
+    python bench/bench_layers.py --runs 5 --threads 2 --exit-thresholds 0.1 0.2
 Writes the `layers` section of docs/benchmarks.md and docs/layers-ppl-vs-removed.png (needs matplotlib).
 """
 
@@ -23,6 +24,7 @@ import numpy as np  # noqa: E402
 
 import onnxlm  # noqa: E402
 from onnxlm.runtime.bench import NEW_TOKENS, PROMPT_TOKENS, bench_prompt, time_generation  # noqa: E402
+from onnxlm.runtime.decoding import Decoding  # noqa: E402
 
 from common import GPL3, ROOT, machine, median_ratio, medians, publish, round_robin  # noqa: E402
 
@@ -110,10 +112,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--curve-layers", type=int, default=12)
+    parser.add_argument("--exit-thresholds", type=float, nargs=2, default=[0.1, 0.2])
     args = parser.parse_args()
 
     arts = {0: onnxlm.load(ROOT / "out" / "fp32", threads=args.threads)}
     arts.update({n: onnxlm.load(ROOT / "out" / f"remove-{n}", threads=args.threads) for n in REMOVED})
+    exiting = onnxlm.load(ROOT / "out" / "early-exit", threads=args.threads, spinning=False)  # takes turns with exits/
     report = next(p for p in arts[6].manifest["passes"] if p["name"] == "remove_layers")["check"]
     alone = report["ppl_without_layer"]
     ranking = sorted(range(len(alone)), key=lambda layer: alone[layer])
@@ -129,9 +133,18 @@ def main() -> None:
                                          if p["name"] == "remove_layers")["check"]["removed_layers"]
         rows[n] = {"ppl": art.perplexity(text=GPL3.read_text(), max_tokens=4096)["ppl"],
                    "agree": agreement(full_tokens, tokens), "removed": removed}
+    for t in args.exit_thresholds:
+        tokens = list(exiting.generate_ids(prompt, 256, ignore_eos=True, decoding=Decoding(exit_threshold=t)))
+        scored = exiting.perplexity(text=GPL3.read_text(), max_tokens=4096, exit_threshold=t)
+        rows[f"exit {t}"] = {"ppl": scored["ppl"], "agree": agreement(full_tokens, tokens),
+                             "exit_rate": scored["exit_rate"], "layer": scored["exit_layer"]}
+        print(f"exit {t}", rows[f"exit {t}"], flush=True)
     short = bench_prompt(tokenizer, PROMPT_TOKENS)
-    runs = round_robin({n: (lambda a=a: time_generation(a.session, short, NEW_TOKENS)) for n, a in arts.items()},
-                       args.runs)
+    timed = {n: (lambda a=a: time_generation(a.session, short, NEW_TOKENS)) for n, a in arts.items()}
+    timed.update({f"exit {t}": (lambda t=t: time_generation(exiting.session, short, NEW_TOKENS,
+                                                            exits=(exiting.exit_segments(), t)))
+                  for t in args.exit_thresholds})
+    runs = round_robin(timed, args.runs)
     speeds = medians(runs)
     curve, bound = probe_measures(ranking, gpl, args.curve_layers, THRESHOLDS)
     plot(curve, {n: (rows[n]["ppl"], speeds[n][1]) for n in arts}, ROOT / "docs" / "layers-ppl-vs-removed.png")
@@ -146,6 +159,11 @@ def main() -> None:
         name = "full (`fp32`)" if n == 0 else f"`--remove-layers {n}`"
         lines.append(f"| {name} | {r['removed'] or '-'} | {r['ppl']:.3f} | {r['agree']:.0%} | {speeds[n][1]:.1f} | "
                      f"{median_ratio(runs, n, 0):.2f}x |")
+    for t in args.exit_thresholds:
+        r, name = rows[f"exit {t}"], f"exit {t}"
+        lines.append(f"| early exit (`--exit-threshold {t}`) | none; {r['exit_rate']:.0%} of decode steps stop after "
+                     f"layer {r['layer'] - 1} | {r['ppl']:.3f} | {r['agree']:.0%} | {speeds[name][1]:.1f} | "
+                     f"{median_ratio(runs, name, 0):.2f}x |")
     lines += ["", f"PPL as layers are removed in rank order {ranking[:args.curve_layers]} (probe graph, GPL-3): "
               + ", ".join(f"{k}: {p:.2f}" for k, p in enumerate(curve)) + ".",
               "", "![PPL against layers removed](layers-ppl-vs-removed.png)", "",
@@ -160,7 +178,8 @@ def main() -> None:
         removed = layers - depth
         static = float(np.interp(removed, range(len(curve)), curve)) if removed <= len(curve) - 1 else float("nan")
         lines.append(f"| {threshold} | {depth:.2f} | {ppl:.2f} | {static:.2f} |")
-    publish("layers", lines, f"python bench/bench_layers.py --runs {args.runs} --threads {args.threads}")
+    publish("layers", lines, f"python bench/bench_layers.py --runs {args.runs} --threads {args.threads} "
+                             f"--exit-thresholds {' '.join(map(str, args.exit_thresholds))}")
 
 
 if __name__ == "__main__":

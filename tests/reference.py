@@ -75,3 +75,47 @@ def drop_layers(model, drop: list[int]) -> None:
         layer.self_attn.layer_idx = new_index
     model.model.layers = torch.nn.ModuleList(kept)
     model.config.num_hidden_layers = len(kept)
+
+
+def halting_logits(model, ids: list[int], threshold: float, min_layer: int, skip_kv: bool = True
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """QuickSilver token halting computed layer by layer in torch: (logits (seq, vocab), halted (layers, seq)).
+
+    Before layer l >= min_layer a token (not the first) halts for good when ||r_l - r_{l-1}|| / ||r_{l-1}|| <
+    threshold; a halted token keeps its residual, and (skip_kv) its keys are masked out of the layers it skips."""
+    import torch
+
+    inner = model.model
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        seq = len(ids)
+        h = inner.embed_tokens(x)  # (1, seq, hidden)
+        position_ids = torch.arange(seq)[None]
+        rotary = inner.rotary_emb(h, position_ids)
+        causal = torch.tril(torch.ones(seq, seq, dtype=torch.bool))
+        halted, previous, record = torch.zeros(seq, dtype=torch.bool), None, []
+        for layer_index, layer in enumerate(inner.layers):
+            if layer_index >= min_layer:
+                drift = (h - previous).norm(dim=-1)[0] / previous.norm(dim=-1)[0]
+                halted = halted | ((drift < threshold) & (position_ids[0] > 0))
+            record.append(halted.clone())
+            visible = causal & ~halted[None, :] if skip_kv else causal
+            mask = torch.where(visible, 0.0, -1e9)[None, None]  # (1, 1, seq, seq)
+            out = layer(h, attention_mask=mask, position_ids=position_ids, position_embeddings=rotary)
+            out = out[0] if isinstance(out, tuple) else out
+            previous, h = h, torch.where(halted[None, :, None], h, out)
+        logits = model.lm_head(inner.norm(h))[0]
+    return logits.numpy(), torch.stack(record).numpy()
+
+
+def exit_reference(model, ids: list[int], layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(full logits (seq, vocab), logits of the exit after `layer` layers: final norm + head on that stream,
+    drift ||r_layer - r_{layer-1}|| / ||r_{layer-1}|| (seq,)), from transformers' hidden states."""
+    import torch
+
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), output_hidden_states=True)
+        states = out.hidden_states  # embeddings, then each layer's output (the last one already normed)
+        exit_logits = model.lm_head(model.model.norm(states[layer]))[0]
+        drift = (states[layer] - states[layer - 1]).norm(dim=-1)[0] / states[layer - 1].norm(dim=-1)[0]
+    return out.logits[0].numpy(), exit_logits.numpy(), drift.numpy()
