@@ -18,7 +18,7 @@ from onnxlm.runtime.generate import decode_loop
 from onnxlm.runtime.kv_cache import KVCache
 from onnxlm.runtime.kv_policy import KVPolicyConfig, Policy, make_policy
 from onnxlm.runtime.sampling import Sampler
-from onnxlm.runtime.session import DecoderSession
+from onnxlm.runtime.session import PROBS_CHUNK, DecoderSession
 
 
 def start(model: DecoderSession, config: KVPolicyConfig, tokens: int) -> tuple[Policy, KVCache]:
@@ -43,9 +43,6 @@ def policy_step(model: DecoderSession, cache: KVCache, policy: Policy, tokens: l
     else:
         logits = model.step(ids, cache)
     return logits[0]
-
-
-PROBS_CHUNK = 256  # a graph with attention outputs returns heads x n x total floats per layer for n new tokens
 
 
 def chunk_size(model: DecoderSession, policy: Policy) -> int:

@@ -19,6 +19,11 @@ from onnxlm.model_info import ModelInfo, shares_kv_buffer
 from onnxlm.runtime.kv_cache import KVCache
 
 
+# A graph with attention outputs (--kv-scores) computes heads x n x total floats per layer for n new tokens even
+# when nobody reads them (18 GB for a 4,096-token step on SmolLM2): its steps take at most this many tokens.
+PROBS_CHUNK = 256
+
+
 def ort_value(array: np.ndarray):
     import onnxruntime as ort
 
@@ -86,6 +91,9 @@ class DecoderSession:
         rows' lengths, and cache.length is not advanced.
         """
         batch, seq = token_ids.shape
+        if self.probs_names and seq > PROBS_CHUNK and positions is None:
+            return np.concatenate([self.step(token_ids[:, i : i + PROBS_CHUNK], cache)
+                                   for i in range(0, seq, PROBS_CHUNK)], axis=1)
         ragged = positions is not None
         if ragged and not (cache.shared and seq == 1):
             raise OnnxlmError("per-row positions need a GroupQueryAttention graph and one new token per row")

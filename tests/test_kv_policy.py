@@ -53,6 +53,18 @@ def test_expose_attention_is_lossless_and_returns_probabilities(scores_artifact)
     assert np.all(np.triu(rows, 1) == 0)  # causal
 
 
+def test_long_steps_on_the_scores_graph_run_in_chunks(tiny_artifact, scores_artifact, monkeypatch):
+    import onnxlm.runtime.session as session
+
+    monkeypatch.setattr(session, "PROBS_CHUNK", 16)  # a 40-token step becomes 16 + 16 + 8
+    ids = np.asarray([text_ids(tiny_artifact, 40)], np.int64)
+    chunked_cache = scores_artifact.session.new_cache(capacity=40)
+    chunked = scores_artifact.session.step(ids, chunked_cache)
+    whole = tiny_artifact.session.step(ids, tiny_artifact.session.new_cache(capacity=40))
+    assert chunked.shape == whole.shape and chunked_cache.length == 40
+    np.testing.assert_allclose(chunked, whole, atol=1e-4)
+
+
 def test_rotate_keys_matches_the_graphs_rope(scores_artifact):
     model = scores_artifact.session
     ids = text_ids(scores_artifact, 8)
