@@ -144,8 +144,8 @@ class _Scored(Policy):
         """(layers, kv_heads, slots) bool: slots that may not leave."""
         return self.positions < self.config.sinks
 
-    def victim_order(self, layer: int, head: int, candidates: np.ndarray) -> np.ndarray:
-        """Candidate slots, most evictable first."""
+    def eviction_key(self, end: int) -> np.ndarray:
+        """(layers, kv_heads, end): lower leaves first (ties: the older token)."""
         raise NotImplementedError
 
     def make_room(self, cache: KVCache, n: int) -> None:
@@ -153,16 +153,28 @@ class _Scored(Policy):
         if need <= 0:
             return
         end = cache.length
-        keep = self.protected(end + cache.offset)
-        for layer in range(self.info.num_layers):
-            for head in range(self.info.num_kv_heads):
-                candidates = np.flatnonzero(~keep[layer, head, :end])
-                if len(candidates) < need:
-                    raise OnnxlmError(f"{n} new tokens do not fit a KV budget of {self.config.budget}")
-                victims = self.victim_order(layer, head, candidates)[:need]
-                self._move(cache, layer, head, victims, end - need)
+        keep = self.protected(end + cache.offset)[:, :, :end]  # (layers, kv_heads, end)
+        if (~keep).sum(axis=-1).min() < need:
+            raise OnnxlmError(f"{n} new tokens do not fit a KV budget of {self.config.budget}")
+        key = np.where(keep, np.inf, self.eviction_key(end))
+        victims = np.lexsort((self.positions[:, :, :end], key), axis=-1)[..., :need]  # (layers, kv_heads, need)
+        if need == 1:  # decode: the last slot fills each victim's place, every layer's heads at once
+            self._move_last(cache, victims[..., 0], end - 1)
+        else:
+            for layer in range(self.info.num_layers):
+                for head in range(self.info.num_kv_heads):
+                    self._move(cache, layer, head, victims[layer, head], end - need)
         cache.length -= need
         cache.offset += need
+
+    def _move_last(self, cache: KVCache, victims: np.ndarray, last: int) -> None:
+        """victims (layers, kv_heads): copy slot `last` into each (a victim that is `last` copies onto itself)."""
+        heads = np.arange(self.info.num_kv_heads)
+        for layer in range(self.info.num_layers):
+            for a in cache.arrays[2 * layer : 2 * layer + 2]:  # (1, kv_heads, capacity, head_dim)
+                a[0, heads, victims[layer]] = a[0, heads, last]
+        for state in (self.scores, self.positions):
+            state[np.arange(self.info.num_layers)[:, None], heads[None, :], victims] = state[:, :, last]
 
     def _move(self, cache: KVCache, layer: int, head: int, victims: np.ndarray, new_end: int) -> None:
         """Fill the victims' slots below new_end with the surviving slots at or above it."""
@@ -197,18 +209,16 @@ class HeavyHitters(_Scored):
     def protected(self, next_position: int) -> np.ndarray:
         return super().protected(next_position) | (self.positions >= next_position - self.recent)
 
-    def victim_order(self, layer, head, candidates):
-        scores = self.scores[layer, head, candidates]
-        return candidates[np.lexsort((self.positions[layer, head, candidates], scores))]  # lowest score first
+    def eviction_key(self, end: int) -> np.ndarray:
+        return self.scores[:, :, :end]  # the lowest accumulated attention leaves
 
     def score(self, layer, group, start):
         self.scores[layer, :, : group.shape[-1]] += group.sum(axis=(1, 2))  # accumulated attention per slot
 
 
 class Voting(_Scored):
-    def victim_order(self, layer, head, candidates):
-        votes = self.scores[layer, head, candidates]
-        return candidates[np.lexsort((self.positions[layer, head, candidates], -votes))]  # most votes first
+    def eviction_key(self, end: int) -> np.ndarray:
+        return -self.scores[:, :, :end]  # the most votes leave
 
     def score(self, layer, group, start):
         rows = group.mean(axis=1)  # (kv_heads, n, end): the group's attention of each new query
