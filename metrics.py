@@ -17,3 +17,8 @@ def relative_error(reference: np.ndarray, approx: np.ndarray) -> float:
     """||approx - reference|| / ||reference|| (Frobenius), in float64."""
     ref = reference.astype(np.float64)
     return float(np.linalg.norm(approx.astype(np.float64) - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def windows_of(ids: list[int], window: int) -> list[list[int]]:
+    """`ids` cut into non-overlapping windows of `window` tokens, without a last window too short to score."""
+    return [w for w in (ids[i : i + window] for i in range(0, len(ids), window)) if len(w) >= 2]

@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from onnxlm.errors import OnnxlmError
-from onnxlm.metrics import window_nll
+from onnxlm.metrics import window_nll, windows_of
 from onnxlm.model_info import ModelInfo
 
 PROBE_PAST, PROBE_SEQ = 3, 4
@@ -52,10 +52,6 @@ def probe_logits(session, info: ModelInfo) -> np.ndarray:
         past = {n.replace("present.", "past_key_values."): v for n, v in result.items() if n.startswith("present.")}
         start += seq
     return result["logits"]  # (1, PROBE_SEQ, vocab)
-
-
-def windows_of(ids: list[int], window: int) -> list[list[int]]:
-    return [w for w in (ids[i:i + window] for i in range(0, len(ids), window)) if len(w) >= 2]
 
 
 def session_perplexity(session, info: ModelInfo, ids: list[int], window: int = 512, extra: dict | None = None

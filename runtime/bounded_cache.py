@@ -17,6 +17,7 @@ from onnxlm.metrics import window_nll
 from onnxlm.runtime.generate import decode_loop
 from onnxlm.runtime.kv_cache import KVCache
 from onnxlm.runtime.kv_policy import KVPolicyConfig, Policy, make_policy
+from onnxlm.runtime.perplexity import scoring_windows
 from onnxlm.runtime.sampling import Sampler
 from onnxlm.runtime.session import PROBS_CHUNK, DecoderSession
 
@@ -75,11 +76,7 @@ def bounded_perplexity(model: DecoderSession, token_ids: list[int], config: KVPo
     """PPL under a KV policy (StreamingLLM's protocol): each window of `window` tokens from an empty cache; the
     first tokens that fit the budget in one step, then one token per step, each predicted from what the policy
     kept. With the full policy this is runtime/perplexity.py's score."""
-    if window < 2:
-        raise OnnxlmError(f"--window must be at least 2, got {window}")
-    windows = [w for w in (token_ids[i : i + window] for i in range(0, len(token_ids), window)) if len(w) >= 2]
-    if not windows:
-        raise OnnxlmError("the text has fewer than 2 tokens: nothing to score")
+    windows = scoring_windows(token_ids, window)
     begin = time.perf_counter()
     nll, scored, slots = 0.0, 0, 0
     for i, ids in enumerate(windows):

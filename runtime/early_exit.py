@@ -29,6 +29,7 @@ from onnxlm.errors import OnnxlmError
 from onnxlm.metrics import window_nll
 from onnxlm.runtime.generate import check_lengths, decode_loop, prefill
 from onnxlm.runtime.kv_cache import KVCache
+from onnxlm.runtime.perplexity import scoring_windows
 from onnxlm.runtime.sampling import Sampler
 from onnxlm.runtime.session import DecoderSession
 
@@ -135,12 +136,10 @@ def exit_perplexity(model: DecoderSession, segments: ExitSegments, token_ids: li
                     window: int = 512) -> dict:
     """PPL with early exit: each window from an empty cache, its first token through model.onnx, then one token
     per decode step (teacher-forced), each predicted from the exit or the full depth as the signal decides."""
+    windows = scoring_windows(token_ids, window)
     begin = time.perf_counter()
-    nll, scored, steps, exits, windows = 0.0, 0, 0, 0, 0
-    for start in range(0, len(token_ids), window):
-        ids = token_ids[start : start + window]
-        if len(ids) < 2:
-            continue
+    nll, scored, steps, exits = 0.0, 0, 0, 0
+    for ids in windows:
         cache = model.new_cache(capacity=len(ids))
         logits = prefill(model, cache, ids[:1])
         state = ExitState(lower=1, upper=1)
@@ -148,10 +147,8 @@ def exit_perplexity(model: DecoderSession, segments: ExitSegments, token_ids: li
             nll += window_nll(logits[None], np.asarray([ids[i]]))
             if i + 1 < len(ids):
                 logits = exit_step(segments, cache, state, ids[i], threshold)
-        scored, windows = scored + len(ids) - 1, windows + 1
+        scored += len(ids) - 1
         steps, exits = steps + state.steps, exits + state.exits
-    if not scored:
-        raise OnnxlmError("the text has fewer than 2 tokens: nothing to score")
     return {"ppl": math.exp(nll / scored), "nll": nll / scored, "tokens": len(token_ids), "scored_tokens": scored,
-            "windows": windows, "window": window, "seconds": time.perf_counter() - begin,
+            "windows": len(windows), "window": window, "seconds": time.perf_counter() - begin,
             "exit_threshold": threshold, "exit_rate": exits / max(steps, 1), "exit_layer": segments.layer}

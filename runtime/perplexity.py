@@ -14,8 +14,18 @@ from collections.abc import Callable
 import numpy as np
 
 from onnxlm.errors import OnnxlmError
-from onnxlm.metrics import window_nll
+from onnxlm.metrics import window_nll, windows_of
 from onnxlm.runtime.session import DecoderSession
+
+
+def scoring_windows(token_ids: list[int], window: int) -> list[list[int]]:
+    """The windows every runtime PPL scores, each from an empty cache; an error if there is nothing to score."""
+    if window < 2:
+        raise OnnxlmError(f"--window must be at least 2, got {window}")
+    windows = windows_of(token_ids, window)
+    if not windows:
+        raise OnnxlmError("the text has fewer than 2 tokens: nothing to score")
+    return windows
 
 
 def perplexity(
@@ -27,12 +37,7 @@ def perplexity(
 ) -> dict:
     """PPL of `token_ids`; `halt_threshold` runs QuickSilver token halting (quicksilver graphs), and the result
     then says which fraction of the token-layers halting skipped."""
-    if window < 2:
-        raise OnnxlmError(f"--window must be at least 2, got {window}")
-    windows = [token_ids[i : i + window] for i in range(0, len(token_ids), window)]
-    windows = [w for w in windows if len(w) >= 2]
-    if not windows:
-        raise OnnxlmError("the text has fewer than 2 tokens: nothing to score")
+    windows = scoring_windows(token_ids, window)
     start = time.perf_counter()
     total_nll, scored, skipped, run = 0.0, 0, 0, 0
     for i, ids in enumerate(windows):
