@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -325,6 +326,9 @@ def recipes():
 def main(argv: list[str] | None = None) -> None:
     """Entry point: maps user errors to one line on stderr and exit code 2."""
     argv = sys.argv[1:] if argv is None else argv
+    # Warnings and errors only. Installed first, so that a library that calls logging.basicConfig(level=INFO) at
+    # import (ORT's MatMulNBitsQuantizer does) cannot turn every INFO line of ORT and onnx-ir into output.
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(levelname)s: %(message)s")
     try:
         code = app(args=argv or ["--help"], prog_name="onnxlm", standalone_mode=False)
     except OnnxlmError as exc:
