@@ -87,8 +87,10 @@ def test_knapsack_meets_the_budget_and_spends_bits_where_they_matter():
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_shared_embedding_rows_equal_the_heads_dequantized_columns(bits, tmp_path):
-    """share_tied_embedding's GatherBlockQuantized reads MatMulNBits' blocks with the same default zero point."""
+@pytest.mark.parametrize("hidden,block", [(64, 32), (96, 64)])
+def test_shared_embedding_rows_equal_the_heads_dequantized_columns(bits, hidden, block, tmp_path):
+    """share_tied_embedding's GatherBlockQuantized reads MatMulNBits' blocks with the same default zero point,
+    also when the block does not divide hidden (the head's padded blocks are gathered, then sliced off)."""
     import onnx_ir as ir
     import onnxruntime as ort
 
@@ -96,10 +98,11 @@ def test_shared_embedding_rows_equal_the_heads_dequantized_columns(bits, tmp_pat
     from onnxlm.passes.quant.tied_embedding import ShareTiedEmbedding
 
     rng = np.random.default_rng(5)
-    vocab, hidden, block = 48, 64, 32
-    table = rng.standard_normal((vocab, hidden)).astype(np.float32)
-    q8, s8 = int8_codes(table.T, block)  # head weight [hidden, vocab] -> codes [vocab, hidden]
-    codes, scales = slice_codes(q8, s8, bits)
+    vocab, padded = 48, -(-hidden // block) * block
+    codes = rng.integers(0, 1 << bits, (vocab, padded), dtype=np.uint8)  # head weight [hidden, vocab] as codes
+    scales = rng.uniform(0.01, 0.1, (vocab, padded // block)).astype(np.float32)
+    table = np.ascontiguousarray(dequant(codes, scales, bits, block).T[:, :hidden])  # the tied float table
+    codes = codes[:, :hidden]
     ids = ir.Value(name="input_ids", shape=ir.Shape([1, 5]), type=ir.TensorType(ir.DataType.INT64))
     table_value = ir.Value(name="table", shape=ir.Shape(table.shape), type=ir.TensorType(ir.DataType.FLOAT),
                            const_value=ir.tensor(table))
@@ -120,4 +123,4 @@ def test_shared_embedding_rows_equal_the_heads_dequantized_columns(bits, tmp_pat
     session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
     tokens = np.array([[0, 7, 47, 3, 7]], np.int64)
     rows = session.run(["embedded"], {"input_ids": tokens})[0][0]
-    np.testing.assert_allclose(rows, dequant(codes, scales, bits, block).T[tokens[0]], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(rows, table[tokens[0]], rtol=1e-6, atol=1e-6)

@@ -70,11 +70,13 @@ def pack_bits(codes: np.ndarray, bits: int, block: int) -> np.ndarray:
 def matmul_nbits(graph, x, codes: np.ndarray, scales: np.ndarray, bits: int, block: int, name: str,
                  accuracy_level: int = 0, zero_points: np.ndarray | None = None):
     """A com.microsoft.MatMulNBits node computing x @ W with W[k, n] = (codes[n, k] - zp) * scales[n, k // block].
-    `zero_points` are per-block uint8 codes [N, K / block] (absent: 2^(bits-1)). Initializers are added to
+    K need not be a multiple of block (scales [N, ceil(K / block)]). `zero_points` are per-block uint8 codes [N, K / block] (absent: 2^(bits-1)). Initializers are added to
     `graph`; the node is returned, not inserted."""
     import onnx_ir as ir
 
     n, k = codes.shape
+    if k % block:  # MatMulNBits pads K up to whole blocks; the padding's codes dequantize to zero
+        codes = np.concatenate([codes, np.full((n, -k % block), 1 << (bits - 1), np.uint8)], axis=1)
     inputs = [x, add_initializer(graph, f"{name}.B", pack_bits(codes, bits, block)),
               add_initializer(graph, f"{name}.scales", scales.astype(np.float32))]
     if zero_points is not None:

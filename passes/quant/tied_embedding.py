@@ -5,7 +5,9 @@ symmetric=true, `quant_nested`, or `quant_gguf_exact`'s Q8_0 head) and whose emb
 Gather(float table [vocab, hidden], input_ids), the table being the head's weight before quantization (checked
 numerically: the dequantized head must match the table to within the quantization error). Output:
 Gather -> GatherBlockQuantized(Reshape(head.B, [vocab, hidden * bits / 8]), input_ids, head.scales), as the
-onnxruntime-genai builder emits; the float table is dropped, so the tied weights are stored once.
+onnxruntime-genai builder emits; the float table is dropped, so the tied weights are stored once. When the block
+size does not divide hidden (block 128 on 576), the gathered rows keep the head's zero padding and a Slice cuts
+them back to hidden.
 Guarantees: each embedding row equals the head's dequantized column; lossy (the embedding is now quantized).
 """
 
@@ -44,15 +46,21 @@ class ShareTiedEmbedding(Pass):
             return False, {}, ["the embedding table is not the LM head's weight: not tied"]
         size_before = initializer_bytes(graph)
         bits = head.attributes["bits"].as_int()
+        block = head.attributes["block_size"].as_int()
         vocab, hidden = table.shape
-        shape = add_initializer(graph, f"{gather.name}.packed_shape", np.array([vocab, hidden * bits // 8], np.int64))
+        padded = -(-hidden // block) * block  # MatMulNBits pads K up to whole blocks
+        shape = add_initializer(graph, f"{gather.name}.packed_shape", np.array([vocab, padded * bits // 8], np.int64))
         packed = ir.node("Reshape", [head.inputs[1], shape], name=f"{gather.name}.packed")
         quantized = ir.node("GatherBlockQuantized", [packed.outputs[0], gather.inputs[1], head.inputs[2]],
                             domain="com.microsoft", name=f"{gather.name}.quantized",
-                            attributes={"bits": bits, "block_size": head.attributes["block_size"].as_int(),
-                                        "gather_axis": 0, "quantize_axis": 1})
-        ir.convenience.replace_nodes_and_values(graph, gather, [gather], [packed, quantized], [gather.outputs[0]],
-                                                [quantized.outputs[0]])
+                            attributes={"bits": bits, "block_size": block, "gather_axis": 0, "quantize_axis": 1})
+        nodes = [packed, quantized]
+        if padded != hidden:  # (batch, seq, padded) -> (batch, seq, hidden)
+            bounds = [add_initializer(graph, f"{gather.name}.{k}", np.array([v], np.int64))
+                      for k, v in (("starts", 0), ("ends", hidden), ("axes", -1))]
+            nodes.append(ir.node("Slice", [quantized.outputs[0], *bounds], name=f"{gather.name}.unpadded"))
+        ir.convenience.replace_nodes_and_values(graph, gather, [gather], nodes, [gather.outputs[0]],
+                                                [nodes[-1].outputs[0]])
         drop_unused(model)
         ctx.metrics.update({"weight_rel_error": relative_error(table, dequant), "bytes_before": size_before,
                             "bytes_after": initializer_bytes(graph)})
