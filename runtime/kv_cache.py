@@ -32,7 +32,7 @@ class KVCache:
     capacity: int | None  # None: growing layout; else the shared buffer's length
     arrays: list | None = None  # shared layout: the numpy buffers behind `values`
     binding: Any = None  # shared layout: the session's IO binding with these buffers bound as past and present
-    decode_logits: Any = None  # (batch, 1, vocab) float32, reused by every decode step of this cache
+    decode_feeds: Any = None  # DecodeFeeds: the decode step's preallocated inputs (session.py)
     offset: int = 0  # tokens evicted while the kept keys keep their original positions (see kv_policy.py)
     halted: Any = None  # quicksilver graphs: (batch, layers, capacity) bool, which slots skipped which layers
     halt_threshold: float = 0.0  # quicksilver graphs: the drift below which a token halts (0: never)

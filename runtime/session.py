@@ -30,6 +30,21 @@ def ort_value(array: np.ndarray):
     return ort.OrtValue.ortvalue_from_numpy(array)
 
 
+class DecodeFeeds:
+    """A decode step's inputs, allocated once per cache: at a few ms per step, fresh numpy arrays and OrtValues
+    for three tiny inputs were a measurable share of the Python time around `run_with_iobinding`."""
+
+    def __init__(self, batch: int, capacity: int, vocab: int):
+        self.ids = np.zeros((batch, 1), np.int64)  # (batch, 1)
+        self.positions = np.zeros((batch, 1), np.int64)  # (batch, 1)
+        self.ones = np.ones(batch * capacity, np.int64)  # every attention mask is all ones: a prefix of this
+        self.logits = np.empty((batch, 1, vocab), np.float32)  # (batch, 1, vocab)
+        self.logits_value = ort_value(self.logits)
+
+    def mask(self, batch: int, total: int) -> np.ndarray:
+        return self.ones[: batch * total].reshape(batch, total)  # (batch, total), a view
+
+
 class DecoderSession:
     """One loaded decoder. `step` runs new tokens against a KV cache and returns their logits."""
 
@@ -91,6 +106,8 @@ class DecoderSession:
         rows' lengths, and cache.length is not advanced.
         """
         batch, seq = token_ids.shape
+        if seq == 1 and positions is None and cache.shared and not (self.halting or self.sparse_switch):
+            return self._decode_step(token_ids, cache)
         if self.probs_names and seq > PROBS_CHUNK and positions is None:
             return np.concatenate([self.step(token_ids[:, i : i + PROBS_CHUNK], cache)
                                    for i in range(0, seq, PROBS_CHUNK)], axis=1)
@@ -125,10 +142,9 @@ class DecoderSession:
         if "position_ids" in self.input_names:
             io.bind_cpu_input("position_ids", positions)
         if seq == 1:  # decode: ORT writes into the cache's buffer; no allocation, no copy
-            if cache.decode_logits is None or cache.decode_logits.shape[0] != batch:
-                cache.decode_logits = np.empty((batch, 1, self.info.vocab_size), np.float32)  # (batch, 1, vocab)
-            logits = cache.decode_logits
-            io.bind_ortvalue_output("logits", ort_value(logits))
+            feeds = self._feeds(cache, batch)
+            logits = feeds.logits
+            io.bind_ortvalue_output("logits", feeds.logits_value)
         else:  # prefill: ORT's arena reuses its memory across requests; a fresh 100 MB array would page-fault
             io.bind_output("logits", "cpu")
         self.session.run_with_iobinding(io)
@@ -142,6 +158,33 @@ class DecoderSession:
         presents = outputs[1 : 1 + len(self.kv_output_names)]
         cache.advance(None if cache.shared else presents, seq)
         return logits if seq == 1 else outputs[0].numpy()
+
+    def _feeds(self, cache: KVCache, batch: int) -> DecodeFeeds:
+        if cache.decode_feeds is None or cache.decode_feeds.ids.shape[0] != batch:
+            cache.decode_feeds = DecodeFeeds(batch, cache.capacity or self.info.context_length, self.info.vocab_size)
+        return cache.decode_feeds
+
+    def _decode_step(self, token_ids: np.ndarray, cache: KVCache) -> np.ndarray:
+        """`step` for one token per row on a shared buffer: the hot path of every decoding loop. The inputs are
+        written into preallocated arrays and bound by pointer; ORT writes K/V and logits in place."""
+        batch = token_ids.shape[0]
+        cache.check_room(1)
+        if cache.offset and not self.separate_positions:
+            raise OnnxlmError("this graph reads cache slots from position_ids: positions past the slots need "
+                              "an artifact built with `onnxlm optimize ... --kv-scores`")
+        feeds = self._feeds(cache, batch)
+        feeds.ids[:] = token_ids
+        feeds.positions[:] = cache.length + cache.offset
+        io = self._binding(cache)
+        io.bind_cpu_input("input_ids", feeds.ids)
+        if "attention_mask" in self.input_names:
+            io.bind_cpu_input("attention_mask", feeds.mask(batch, cache.length + 1))
+        if "position_ids" in self.input_names:
+            io.bind_cpu_input("position_ids", feeds.positions)
+        io.bind_ortvalue_output("logits", feeds.logits_value)
+        self.session.run_with_iobinding(io)
+        cache.advance(None, 1)
+        return feeds.logits
 
     def step_probs(self, token_ids: np.ndarray, cache: KVCache) -> tuple[np.ndarray, list[np.ndarray]]:
         """`step`, also returning each layer's attention probabilities (batch, num_heads, seq, >= cache.length)
