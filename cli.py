@@ -108,6 +108,9 @@ def optimize(
     ep: Annotated[str, typer.Option(help="Execution provider to lower for.")] = "cpu",
     budget_bits: Annotated[Optional[float], typer.Option(
         min=2.0, max=8.0, help="Average code bits per decoder weight for the `nested` recipe's per-layer choice.")] = None,
+    block_size: Annotated[Optional[int], typer.Option(
+        help="Block size of the recipe's quant_weight_only pass (a power of 2 >= 16; the int4/int8 recipes use 32). "
+             "Larger blocks: fewer scale bytes and faster MatMulNBits, more weight error.")] = None,
     calibration: Annotated[Optional[Path], typer.Option(
         help="UTF-8 text for calibration and lossy-pass PPL reports (default: a text shipped with onnxlm).")] = None,
     self_draft_layers: Annotated[Optional[int], typer.Option(
@@ -131,7 +134,11 @@ def optimize(
     """Export MODEL, run a recipe of passes over it, and write a self-contained artifact to OUTPUT."""
     from onnxlm.api import optimize as run_optimize
 
-    overrides = {"quant_nested": {"budget_bits": budget_bits}} if budget_bits is not None else {}
+    overrides = {}
+    if budget_bits is not None:
+        overrides["quant_nested"] = {"budget_bits": budget_bits}
+    if block_size is not None:
+        overrides["quant_weight_only"] = {"block_size": block_size}
     with steps() as say:
         art = run_optimize(model, recipe=recipe, output=output, ep=ep, progress=say, overrides=overrides,
                            calibration=calibration, self_draft_layers=self_draft_layers, draft_recipe=draft_recipe,

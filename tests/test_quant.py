@@ -60,6 +60,28 @@ def test_nested_budget_sets_the_average_bits(tiny_hf_dir, tmp_path):
     assert set(check["layer_nll_increase"]["0"]) == {"8", "4", "2"}
 
 
+def test_block_size_option_sets_every_matmul_nbits_block_even_past_hidden(tiny_hf_dir, tmp_path, capsys):
+    """`optimize --block-size 128` on hidden 64: MatMulNBits pads K to one block, the shared embedding slices the
+    padding off, and the artifact decodes like the block-32 one to within int4 error."""
+    import onnx
+
+    import onnxlm
+    from cli_helpers import run_cli
+
+    code, _, err = run_cli(capsys, "optimize", tiny_hf_dir, "-o", tmp_path / "b", "--recipe", "int4-rtn",
+                           "--block-size", "128")
+    assert code == 0, err
+    art = onnxlm.load(tmp_path / "b")
+    graph = onnx.load(tmp_path / "b" / "model.onnx", load_external_data=False).graph
+    blocks = {a.i for n in graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")
+              for a in n.attribute if a.name == "block_size"}
+    assert blocks == {128}
+    assert art.manifest["op_histogram"]["com.microsoft::GatherBlockQuantized"] == 1
+    check = quant_report(art)["check"]
+    assert check["ppl_after"] < 2 * check["ppl_before"]
+    assert len(list(art.generate_ids(art.prompt_ids("hello"), max_new_tokens=4, ignore_eos=True))) == 4
+
+
 def test_an_override_for_a_pass_the_recipe_lacks_is_an_error(tiny_hf_dir, tmp_path):
     import onnxlm
 
