@@ -41,13 +41,16 @@ def publish(section: str, lines: list[str], command: str) -> None:
 
 def round_robin(systems: dict, runs: int) -> dict[str, list[tuple]]:
     """One warm-up call each, then `runs` rounds calling every system in turn; name -> the tuple each call
-    returned (e.g. (ttft s, decode tok/s, prefill s)), one per round."""
+    returned (e.g. (ttft s, decode tok/s, prefill s)), one per round. Each round starts one system later than
+    the one before, so no system always runs right after the same neighbour (whose idle ORT workers may still
+    be spinning on the cores)."""
     for run in systems.values():
         run()
     results = {name: [] for name in systems}
+    names = list(systems)
     for i in range(runs):
-        for name, run in systems.items():
-            results[name].append(run())
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            results[name].append(systems[name]())
         print(f"run {i + 1}/{runs}: " + ", ".join(f"{r[-1][1]:.1f}" for r in results.values()), flush=True)
     return results
 
