@@ -11,6 +11,7 @@ from onnxlm.passes.layers.exits import EarlyExit
 from onnxlm.passes.layers.halting import QuickSilverHalting
 from onnxlm.passes.layers.remove_layers import RemoveLayers
 from onnxlm.passes.lowering.expose_attention import ExposeAttention
+from onnxlm.passes.lowering.logits_to_keep import LogitsToKeep
 from onnxlm.passes.lowering.ort_fusions import (
     FuseGroupQueryAttention,
     FuseRmsNorm,
@@ -35,6 +36,7 @@ PASSES: dict[str, type[Pass]] = {
         PackQKV,
         PackGateUp,
         ExposeAttention,
+        LogitsToKeep,
         RemoveLayers,
         QuickSilverHalting,
         EarlyExit,

@@ -65,7 +65,8 @@ def beam_search(
     can_improve = True
 
     cache = model.new_cache(batch=num_beams, capacity=max_length)
-    logits = model.step(np.tile(np.asarray([prompt_ids], np.int64), (num_beams, 1)), cache)[:, -1]  # (beams, vocab)
+    prompt = np.tile(np.asarray([prompt_ids], np.int64), (num_beams, 1))  # (beams, prompt)
+    logits = model.step(prompt, cache, last_only=True)[:, -1]  # (beams, vocab)
     for cur_len in range(prompt_len, max_length):
         scores = log_softmax(logits) + running_scores[:, None]  # (beams, vocab)
         best = top(scores.reshape(-1), keep)  # (keep,)

@@ -69,7 +69,7 @@ def time_generation(model: DecoderSession, prompt: list[int], new_tokens: int,
 def time_prefill(model: DecoderSession, prompt: list[int]) -> float:
     cache = model.new_cache(capacity=len(prompt))
     start = time.perf_counter()
-    model.step(np.asarray([prompt], np.int64), cache)
+    model.step(np.asarray([prompt], np.int64), cache, last_only=True)  # as a generation's prefill runs
     return time.perf_counter() - start
 
 

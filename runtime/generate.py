@@ -20,7 +20,7 @@ def prefill(model: DecoderSession, cache: KVCache, prompt_ids: list[int], chunk_
     time and activation memory per call); return the logits of its last position, (vocab,)."""
     step = chunk_size or len(prompt_ids)
     for start in range(0, len(prompt_ids), step):
-        logits = model.step(np.asarray([prompt_ids[start : start + step]], np.int64), cache)  # (1, chunk, vocab)
+        logits = model.step(np.asarray([prompt_ids[start : start + step]], np.int64), cache, last_only=True)  # (1, 1, vocab)
     return logits[0, -1]
 
 

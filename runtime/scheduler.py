@@ -111,7 +111,7 @@ def serve(
                 emit(r, logits[r.row, 0])
         if prefill is not None:
             ids = prefill.prompt_ids[prefill.prefilled : prefill.prefilled + chunk]
-            logits = model.step(np.asarray([ids], np.int64), rows[prefill.row])  # (1, chunk, vocab)
+            logits = model.step(np.asarray([ids], np.int64), rows[prefill.row], last_only=True)  # (1, 1, vocab)
             prefill.prefilled += chunk
             if prefill.prefilled == len(prefill.prompt_ids):
                 emit(prefill, logits[0, -1])

@@ -75,7 +75,11 @@ class DecoderSession:
         self.probs_names = [n for n in (f"attention_probs.{i}" for i in range(self.info.num_layers)) if n in outputs]
         self.halting = "past_halted" in self.input_names  # built by the quicksilver recipe
         # La RoSA graphs sparsify in decode only, unless this switch (an input with a default) says every position.
-        self.sparse_switch = "sparsify_all_positions" in {i.name for i in self.session.get_overridable_initializers()}
+        overridable = {i.name for i in self.session.get_overridable_initializers()}
+        self.sparse_switch = "sparsify_all_positions" in overridable
+        # Built with the logits_to_keep pass: a prefill that reads only its last row skips the LM head elsewhere.
+        self.keep_switch = "logits_to_keep" in overridable
+        self.keep_values = {k: ort_value(np.array(k, np.int64)) for k in (0, 1)}  # all positions / the last
 
     def _ordered_kv(self, fmt: str) -> list[str]:
         return [fmt.format(i, kind) for i in range(self.info.num_layers) for kind in ("key", "value")]
@@ -95,11 +99,14 @@ class DecoderSession:
             cache.halt_threshold = float(halt_threshold or 0.0)
         return cache
 
-    def step(self, token_ids: np.ndarray, cache: KVCache, positions: np.ndarray | None = None) -> np.ndarray:
+    def step(self, token_ids: np.ndarray, cache: KVCache, positions: np.ndarray | None = None,
+             last_only: bool = False) -> np.ndarray:
         """Run `token_ids` (batch, seq) at positions cache.length + cache.offset.. and advance the cache.
 
-        Returns logits (batch, seq, vocab) as float32. For a decode step (seq == 1) the array is the cache's own
-        buffer, overwritten by its next decode step: copy it to keep it.
+        Returns logits (batch, seq, vocab) as float32, or (batch, 1, vocab) for the last position with
+        `last_only` (a prefill whose other rows nobody reads: on a logits_to_keep graph the LM head runs on that
+        row only). For a decode step (seq == 1) the array is the cache's own buffer, overwritten by its next
+        decode step: copy it to keep it.
 
         `positions` (batch, 1) gives each row its own position, for a decode batch whose rows hold different
         lengths (shared buffer only: GQA takes each row's length from its position). The caller then keeps the
@@ -109,8 +116,9 @@ class DecoderSession:
         if seq == 1 and positions is None and cache.shared and not (self.halting or self.sparse_switch):
             return self._decode_step(token_ids, cache)
         if self.probs_names and seq > PROBS_CHUNK and positions is None:
-            return np.concatenate([self.step(token_ids[:, i : i + PROBS_CHUNK], cache)
-                                   for i in range(0, seq, PROBS_CHUNK)], axis=1)
+            chunks = [self.step(token_ids[:, i : i + PROBS_CHUNK], cache, last_only=last_only)
+                      for i in range(0, seq, PROBS_CHUNK)]
+            return chunks[-1] if last_only else np.concatenate(chunks, axis=1)
         ragged = positions is not None
         if ragged and not (cache.shared and seq == 1):
             raise OnnxlmError("per-row positions need a GroupQueryAttention graph and one new token per row")
@@ -137,6 +145,8 @@ class DecoderSession:
             cache.switch_value = ort_value(np.array(cache.sparse_all_positions))  # kept alive while bound
             io.bind_ortvalue_input("sparsify_all_positions", cache.switch_value)
         io.bind_cpu_input("input_ids", np.ascontiguousarray(token_ids, dtype=np.int64))
+        if self.keep_switch:  # bound on every step of this path: the binding outlives it
+            io.bind_ortvalue_input("logits_to_keep", self.keep_values[int(last_only)])
         if "attention_mask" in self.input_names:
             io.bind_cpu_input("attention_mask", np.ones((batch, total), np.int64))
         if "position_ids" in self.input_names:
@@ -157,7 +167,9 @@ class DecoderSession:
         outputs = io.get_outputs()  # [logits, *presents, *probs] in binding order
         presents = outputs[1 : 1 + len(self.kv_output_names)]
         cache.advance(None if cache.shared else presents, seq)
-        return logits if seq == 1 else outputs[0].numpy()
+        if seq == 1:
+            return logits
+        return outputs[0].numpy()[:, -1:] if last_only else outputs[0].numpy()  # a view when the graph kept one row
 
     def _feeds(self, cache: KVCache, batch: int) -> DecodeFeeds:
         if cache.decode_feeds is None or cache.decode_feeds.ids.shape[0] != batch:

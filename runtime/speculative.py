@@ -84,7 +84,7 @@ class ModelDrafter:
         common = min(common, len(context) - 1)  # feed at least one token to get logits
         self.cache.truncate(common)
         new = list(context[common:])
-        logits = self.model.step(np.asarray([new], np.int64), self.cache)[0, -1]  # (vocab,)
+        logits = self.model.step(np.asarray([new], np.int64), self.cache, last_only=True)[0, -1]  # (vocab,)
         self.fed = list(context)
         return logits
 
@@ -162,7 +162,7 @@ def speculative_generate(
     context = list(prompt_ids)
     cache = target.new_cache(capacity=len(prompt_ids) + max_new_tokens)
     if len(prompt_ids) > 1:
-        target.step(np.asarray([prompt_ids[:-1]], np.int64), cache)  # the cache holds the context minus `last`
+        target.step(np.asarray([prompt_ids[:-1]], np.int64), cache, last_only=True)  # the cache: context minus `last`
     n, emitted = min(4, max_draft), 0
     while emitted < max_new_tokens:
         room = max_new_tokens - emitted - 1  # the step always adds one target token after the drafts

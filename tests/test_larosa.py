@@ -225,7 +225,8 @@ def test_recipes_and_options():
     for name, sparsity in (("larosa-rotate", None), ("larosa-s25", 0.25), ("larosa-s40", 0.40)):
         recipe = load_recipe(name)
         names = [p.name for p in recipe.passes]
-        assert names[:len(load_recipe("fp32").passes)] == [p.name for p in load_recipe("fp32").passes]
+        lowering = [p.name for p in load_recipe("fp32").passes][:-1]  # fp32's passes before its logits_to_keep
+        assert names[:len(lowering)] == lowering and names[-1] == "logits_to_keep"
         assert "rotate_residual" in names
         topk = [p for p in recipe.passes if p.name == "topk_sparsify"]
         assert [p.options.sparsity for p in topk] == ([] if sparsity is None else [sparsity])
@@ -236,11 +237,12 @@ def test_recipes_and_options():
     with pytest.raises(OnnxlmError, match="damping"):
         make_pass({"pass": "rotate_residual", "damping": 0.0})
     assert dataclasses.asdict(make_pass({"pass": "topk_sparsify"}).options) == {"sparsity": 0.25}
-    # --sparsity S on any recipe: both passes before the first quantizing pass; a sparsifying recipe is re-set.
+    # --sparsity S on any recipe: both passes before the first quantizing pass (or logits_to_keep); a sparsifying
+    # recipe is re-set.
     int4 = with_sparsity(load_recipe("int4"), 0.3)
     names = [p.name for p in int4.passes]
     assert names[names.index("cleanup", 1) + 1:names.index("quant_gguf_exact")] == ["rotate_residual", "topk_sparsify"]
-    assert [p.name for p in with_sparsity(load_recipe("fp32-plain"), 0.3).passes][-2:] == names[8:10]
+    assert [p.name for p in with_sparsity(load_recipe("fp32-plain"), 0.3).passes][-3:] == [*names[8:10], "logits_to_keep"]
     assert [p.options.sparsity for p in with_sparsity(load_recipe("larosa-s25"), 0.4).passes
             if p.name == "topk_sparsify"] == [0.4]
     assert with_sparsity(load_recipe("fp32"), None).pipeline() == load_recipe("fp32").pipeline()
@@ -261,7 +263,7 @@ def test_optimize_sparsity_and_eval_score_the_sparse_path(tiny_hf_dir, tmp_path,
     assert code == 0, err
     art = load(out)
     names = [r["name"] for r in art.manifest["passes"]]
-    assert names[-2:] == ["rotate_residual", "topk_sparsify"] and art.session.sparse_switch
+    assert names[-3:] == ["rotate_residual", "topk_sparsify", "logits_to_keep"] and art.session.sparse_switch
     ids = art.tokenizer.encode(TEXT * 6, add_bos=False)
     session = open_session(out / "model.onnx")
     sparse = session_perplexity(session, art.info, ids, window=64, extra={SWITCH: np.array(True)})

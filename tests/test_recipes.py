@@ -18,7 +18,7 @@ def test_builtin_recipes_load_and_round_trip():
 
 
 def test_pipeline_prints_passes_in_order():
-    assert load_recipe("fp32-plain").pipeline() == "cleanup()"
+    assert load_recipe("fp32-plain").pipeline() == "cleanup() -> logits_to_keep()"
     assert load_recipe("fp32").pipeline().startswith("cleanup() -> fuse_rms_norm(expect='none') -> ")
 
 

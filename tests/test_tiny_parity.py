@@ -20,6 +20,26 @@ def test_prefill_and_decode_logits_match_transformers(tiny_any_artifact, tiny_to
     np.testing.assert_allclose(np.stack(ours), ref, atol=1e-4, rtol=0)
 
 
+def test_logits_to_keep_runs_the_head_on_the_last_row_only(tiny_any_artifact):
+    """The logits_to_keep pass: a last_only prefill returns (batch, 1, vocab) equal to the full prefill's last
+    row, leaves the same cache behind, and the switch is an input no caller has to feed."""
+    session = tiny_any_artifact.session
+    report = next(r for r in tiny_any_artifact.manifest["passes"] if r["name"] == "logits_to_keep")
+    assert report["matched"] == {"lm_head_slice": 1} and report["check"]["max_abs_logit_diff"] == 0
+    assert session.keep_switch and "logits_to_keep" not in {i.name for i in session.session.get_inputs()}
+    ids = np.array([[5, 6, 7, 8, 9, 10]])
+    full_cache, last_cache = session.new_cache(capacity=16), session.new_cache(capacity=16)
+    full = session.step(ids, full_cache)  # (1, 6, vocab)
+    last = session.step(ids, last_cache, last_only=True)  # (1, 1, vocab)
+    assert full.shape[1] == 6 and last.shape[1] == 1
+    np.testing.assert_allclose(last[:, 0], full[:, -1], atol=1e-5, rtol=0)
+    # the same cache (and IO binding) next runs a 2-token chunk, as speculative verification does: all its rows
+    after_full = session.step(ids[:, :2], full_cache)
+    after_last = session.step(ids[:, :2], last_cache)
+    assert after_last.shape[1] == 2
+    np.testing.assert_allclose(after_last, after_full, atol=1e-5, rtol=0)
+
+
 def test_batched_prefill_matches_single_rows(tiny_any_artifact):
     session = tiny_any_artifact.session
     ids = np.array([[5, 6, 7, 8], [9, 10, 11, 12]])

@@ -150,6 +150,8 @@ def find_decoder(graph, num_layers: int) -> Decoder:
             r = join.outputs[0]
     final = Norm(fused_norm, 2, fused_norm.outputs[0]) if fused else _plain_norm(r)
     heads = [u.node for u in final.normed.uses()]
+    if len(heads) == 1 and heads[0].op_type == "Slice":  # logits_to_keep: the head reads the last k rows
+        heads = [u.node for u in heads[0].outputs[0].uses()]
     if len(heads) != 1 or constant_matmul_weight(heads[0]) is None:
         raise OnnxlmError("the final norm must feed one float LM head MatMul")
     return Decoder(fused, embedding, blocks, final, heads[0])
