@@ -1,8 +1,8 @@
 """Quantization benchmark: every quantization recipe against fp32 and the onnxruntime-genai builder's int4 (and
 fp32) export of the same checkpoint, on SmolLM2-135M. One process, round-robin, medians; PPL on GPL-3.
 
-Artifacts are read from out/<recipe> (built with `onnxlm optimize -o out/<recipe> --recipe <recipe>`, and
-`--recipe nested --budget-bits B` into out/nested-<B>); genai's exports come from bench/.cache (see
+Artifacts are read from out/<recipe> (built with `onnxlm optimize -o out/<recipe> --recipe <recipe>`,
+`--recipe nested --budget-bits B` into out/nested-<B>, `--recipe int4-rtn --block-size B` into out/int4-rtn-b<B>); genai's exports come from bench/.cache (see
 bench/bench_lowering.py for the builder venv; here `-p int4`). Writes the `quant` section of docs/benchmarks.md
 and docs/quant-ppl-vs-speed.png (needs matplotlib).
     python bench/bench_quant.py --runs 5 --threads 2
@@ -26,9 +26,9 @@ from onnxlm.runtime.generate import generate_tokens  # noqa: E402
 from bench_lowering import CACHE, ensure_genai_export  # noqa: E402
 from common import GPL3, ROOT, dir_size, genai_generation, genai_model, genai_timing, machine, median_ratio, medians, onnxlm_timing, publish, round_robin  # noqa: E402
 
-RECIPES = ["fp32", "int8", "int8-dynamic", "int4-rtn", "int4-calibrated", "int4", "int4-fast",
-           "nested-3", "nested-4", "nested-5"]
-LABELS = {"int8": "int8 weight-only", "int8-dynamic": "int8 dynamic", "int4-rtn": "int4 RTN",
+RECIPES = ["fp32", "int8", "int8-dynamic", "int4-rtn", "int4-rtn-b64", "int4-rtn-b128", "int4-calibrated", "int4",
+           "int4-fast", "nested-3", "nested-4", "nested-5"]
+LABELS = {"int8": "int8 weight-only", "int8-dynamic": "int8 dynamic", "int4-rtn": "int4 RTN", "int4-rtn-b64": "int4 RTN, block 64", "int4-rtn-b128": "int4 RTN, block 128",
           "int4-calibrated": "int4 calibrated (GPTQ)", "int4": "int4 GGUF-exact", "int4-fast": "int4 GGUF-exact, int8 act.",
           "nested-3": "nested, 3 bits", "nested-4": "nested, 4 bits", "nested-5": "nested, 5 bits"}
 
@@ -72,12 +72,13 @@ def main() -> None:
         f"onnxruntime {onnxlm.artifact.package_versions().get('onnxruntime')}, onnxruntime-genai 0.18.0. PPL: GPL-3, "
         f"first {len(ids)} tokens (GGUF `smollm` tokenizer), 512-token windows.",
         "",
-        "| system | PPL | vs fp32 | size MB | decode tok/s | vs genai int4 | TTFT | prefill 512 | greedy = fp32 (128) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| system | PPL | vs fp32 | size MB | decode tok/s | vs genai int4 | TTFT | prefill 512 | vs fp32 | greedy = fp32 (128) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, (t, d, p) in med.items():
         lines.append(f"| {name} | {ppl[name]:.3f} | {(ppl[name] / base_ppl - 1) * 100:+.2f}% | {sizes[name] / 1e6:.0f} | "
-                     f"{d:.1f} | {median_ratio(runs, name, 'genai builder int4'):.2f}x | {t * 1000:.0f} ms | {p:.3f} s | {agree[name]}/{len(reference)} |")
+                     f"{d:.1f} | {median_ratio(runs, name, 'genai builder int4'):.2f}x | {t * 1000:.0f} ms | {p:.3f} s | "
+                     f"{median_ratio(runs, name, 'onnxlm `fp32`', field=2):.2f}x | {agree[name]}/{len(reference)} |")
     if missing:
         lines += ["", f"Not built, so not measured: {', '.join(missing)}."]
     publish("quant", lines, f"python bench/bench_quant.py --runs {args.runs} --threads {args.threads}")
