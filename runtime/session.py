@@ -130,9 +130,7 @@ class DecoderSession:
         else:
             cache.check_room(seq)
             total = cache.length + seq
-            if cache.offset and not self.separate_positions:
-                raise OnnxlmError("this graph reads cache slots from position_ids: positions past the slots need "
-                                  "an artifact built with `onnxlm optimize ... --kv-scores`")
+            self._check_offset(cache)
             first = cache.length + cache.offset  # offset: tokens evicted from a cache that keeps original positions
             positions = np.broadcast_to(np.arange(first, first + seq, dtype=np.int64), (batch, seq)).copy()
         io = self._binding(cache)
@@ -171,6 +169,12 @@ class DecoderSession:
             return logits
         return outputs[0].numpy()[:, -1:] if last_only else outputs[0].numpy()  # a view when the graph kept one row
 
+    def _check_offset(self, cache: KVCache) -> None:
+        """Tokens evicted while the kept ones keep their positions (cache.offset) need positions apart from slots."""
+        if cache.offset and not self.separate_positions:
+            raise OnnxlmError("this graph reads cache slots from position_ids: positions past the slots need "
+                              "an artifact built with `onnxlm optimize ... --kv-scores`")
+
     def _feeds(self, cache: KVCache, batch: int) -> DecodeFeeds:
         if cache.decode_feeds is None or cache.decode_feeds.ids.shape[0] != batch:
             cache.decode_feeds = DecodeFeeds(batch, cache.capacity or self.info.context_length, self.info.vocab_size)
@@ -181,9 +185,7 @@ class DecoderSession:
         written into preallocated arrays and bound by pointer; ORT writes K/V and logits in place."""
         batch = token_ids.shape[0]
         cache.check_room(1)
-        if cache.offset and not self.separate_positions:
-            raise OnnxlmError("this graph reads cache slots from position_ids: positions past the slots need "
-                              "an artifact built with `onnxlm optimize ... --kv-scores`")
+        self._check_offset(cache)
         feeds = self._feeds(cache, batch)
         feeds.ids[:] = token_ids
         feeds.positions[:] = cache.length + cache.offset
