@@ -27,7 +27,7 @@ import numpy as np
 
 from onnxlm.errors import OnnxlmError
 from onnxlm.passes.base import Pass, PassContext
-from onnxlm.passes.constants import add_initializer
+from onnxlm.passes.constants import add_initializer, add_overridable_input
 from onnxlm.passes.larosa.structure import constant_matmul_weight, find_decoder
 
 SWITCH = "sparsify_all_positions"
@@ -87,10 +87,7 @@ def sparse_condition(graph):
     import onnx_ir as ir
 
     ids = next(v for v in graph.inputs if v.name == "input_ids")
-    switch = ir.Value(name=SWITCH, type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape([]),
-                      const_value=ir.tensor(np.array(False)))
-    graph.inputs.append(switch)
-    graph.initializers.add(switch)  # an initializer that is also an input: a default that a caller may override
+    switch = add_overridable_input(graph, SWITCH, np.array(False))  # () bool
     one = add_initializer(graph, "larosa.one", np.array([1], np.int64))
     seq = ir.node("Shape", [ids], {"start": 1, "end": 2}, name="larosa.seq_len")  # (1,)
     decode = ir.node("Equal", [seq.outputs[0], one], name="larosa.is_decode")

@@ -17,7 +17,8 @@ import numpy as np
 
 from onnxlm.errors import OnnxlmError
 from onnxlm.passes.base import Pass, PassContext
-from onnxlm.passes.constants import add_initializer
+from onnxlm.passes.constants import add_initializer, add_overridable_input
+from onnxlm.passes.quant.linears import is_lm_head
 
 INPUT = "logits_to_keep"
 
@@ -31,14 +32,11 @@ class LogitsToKeep(Pass):
         graph = model.graph
         if any(v.name == INPUT for v in graph.inputs):
             return False, {"lm_head_slice": 0}, ["the graph already has a logits_to_keep input"]
-        heads = [n for n in graph if any(o.name == "logits" for o in n.outputs)]
+        heads = [n for n in graph if is_lm_head(n)]
         if len(heads) != 1:
             raise OnnxlmError(f"logits_to_keep needs one node writing `logits`, found {len(heads)}")
         head = heads[0]
-        keep = ir.Value(name=INPUT, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([]),
-                        const_value=ir.tensor(np.array(0, np.int64)))
-        graph.inputs.append(keep)
-        graph.initializers.add(keep)  # an initializer that is also an input: the default a caller may override
+        keep = add_overridable_input(graph, INPUT, np.array(0, np.int64))  # () int64
         one = add_initializer(graph, "logits_to_keep.shape", np.array([1], np.int64))
         ends = add_initializer(graph, "logits_to_keep.ends", np.array([np.iinfo(np.int64).max], np.int64))
         axes = add_initializer(graph, "logits_to_keep.axes", np.array([1], np.int64))
