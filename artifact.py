@@ -7,8 +7,8 @@
     recipe.json                   the recipe that built it
     manifest.json                 onnxlm version, source hash, model facts, pass reports, package versions
 
-It is written atomically: everything goes to a hidden sibling directory that is renamed into place only when
-complete, so a failed run leaves nothing behind and never replaces a good artifact. This module imports neither
+It is written atomically (staging.py): everything, a draft/ included, goes to a hidden sibling directory that is
+renamed into place only when complete, so a failed run leaves nothing behind and never damages a good artifact. This module imports neither
 torch nor onnx-ir at module level: the runtime reads manifests through it.
 """
 
@@ -39,47 +39,20 @@ def is_artifact(directory: Path) -> bool:
 
 
 def read_manifest(directory: Path) -> dict:
+    """The artifact's manifest, checked against its schema (schema.MANIFEST) before anything reads it."""
+    from onnxlm.schema import MANIFEST, check, read_json
+
     directory = Path(directory)
     if not directory.exists():
         raise OnnxlmError(f"artifact directory does not exist: {directory}")
     if not is_artifact(directory):
         raise OnnxlmError(f"{directory} is not an onnxlm artifact (no manifest.json and model.onnx)")
-    try:
-        manifest = json.loads((directory / "manifest.json").read_text())
-    except ValueError as exc:
-        raise OnnxlmError(f"{directory}/manifest.json is corrupt: {exc}") from None
-    if manifest.get("format") != FORMAT:
-        raise OnnxlmError(f"{directory} has artifact format {manifest.get('format')!r}; this onnxlm reads {FORMAT}")
+    manifest = read_json(directory / "manifest.json", "manifest")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise OnnxlmError(f"{directory} has artifact format {found!r}; this onnxlm reads {FORMAT}")
+    check(manifest, MANIFEST, f"manifest {directory / 'manifest.json'}")
     return manifest
-
-
-def check_output_dir(output: Path) -> None:
-    """Refuse, before any work is done, an output that exists and is not an artifact we may replace."""
-    if output.exists() and not output.is_dir():
-        raise OnnxlmError(f"output {output} exists and is not a directory")
-    if output.is_dir() and any(output.iterdir()) and not is_artifact(output):
-        raise OnnxlmError(f"output directory {output} exists, is not empty and is not an onnxlm artifact")
-
-
-@contextlib.contextmanager
-def atomic_directory(output: Path) -> Iterator[Path]:
-    """Yield a staging directory; on success it replaces `output`, on any error it is removed."""
-    output = Path(output)
-    check_output_dir(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.parent / f".{output.name}.staging-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    old = output.parent / f".{output.name}.old-{os.getpid()}"
-    if output.exists():
-        output.rename(old)
-    staging.rename(output)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def package_versions() -> dict[str, str]:
@@ -90,42 +63,45 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def write_artifact(output: Path, model, source, recipe, reports, extra_graphs: dict | None = None) -> Path:
-    """Write graph, tokenizer, recipe and manifest into `output`, atomically. `extra_graphs` maps relative paths
-    (e.g. "exits/lower.onnx") to more graphs of the artifact, each with its own external data."""
+def write_artifact(staging: Path, model, source, recipe, reports, extra_graphs: dict | None = None,
+                   generation: dict | None = None) -> Path:
+    """Write graph, tokenizer, recipe and manifest into `staging`, an empty directory that staging.staged_output
+    later moves into place. `extra_graphs` maps relative paths (e.g. "exits/lower.onnx") to more graphs of the
+    artifact, each with its own external data; `generation` is the artifact's default decoding settings."""
     import onnx_ir as ir
 
     from onnxlm import __version__
     from onnxlm.genai_config import genai_config
     from onnxlm.passes.cleanup import op_histogram
 
-    with atomic_directory(output) as staging:
-        model.producer_name, model.producer_version = "onnxlm", __version__
-        ir.save(model, staging / MODEL_FILE, external_data=DATA_FILE)
-        for relative, graph in (extra_graphs or {}).items():
-            path = staging / relative
-            path.parent.mkdir(parents=True, exist_ok=True)
-            ir.save(graph, path, external_data=path.name + ".data")
-        source.tokenizer.save(str(staging / "tokenizer.json"))
-        _write_json(staging / "tokenizer_config.json", tokenizer_config(source))
-        _write_json(staging / "recipe.json", recipe.to_dict())
-        ops = op_histogram(model)
-        _write_json(staging / "genai_config.json", genai_config(source.info, ops, MODEL_FILE))
-        files = {str(p.relative_to(staging)): p.stat().st_size for p in sorted(staging.rglob("*")) if p.is_file()}
-        manifest = {
-            "format": FORMAT,
-            "onnxlm_version": __version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "source": source.describe(),
-            "model": source.info.to_dict(),
-            "recipe": recipe.to_dict(),
-            "passes": [r.to_dict() for r in reports],
-            "op_histogram": ops,
-            "files": files,
-            "packages": package_versions(),
-        }
-        _write_json(staging / "manifest.json", manifest)
-    return Path(output)
+    model.producer_name, model.producer_version = "onnxlm", __version__
+    ir.save(model, staging / MODEL_FILE, external_data=DATA_FILE)
+    for relative, graph in (extra_graphs or {}).items():
+        path = staging / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ir.save(graph, path, external_data=path.name + ".data")
+    source.tokenizer.save(str(staging / "tokenizer.json"))
+    _write_json(staging / "tokenizer_config.json", tokenizer_config(source))
+    _write_json(staging / "recipe.json", recipe.to_dict())
+    ops = op_histogram(model)
+    _write_json(staging / "genai_config.json", genai_config(source.info, ops, MODEL_FILE, generation))
+    files = {str(p.relative_to(staging)): p.stat().st_size for p in sorted(staging.rglob("*"))
+             if p.is_file() and not p.relative_to(staging).parts[0].startswith(".")}  # not the staging's scratch
+    manifest = {
+        "format": FORMAT,
+        "onnxlm_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": source.describe(),
+        "model": source.info.to_dict(),
+        "recipe": recipe.to_dict(),
+        "passes": [r.to_dict() for r in reports],
+        "op_histogram": ops,
+        "files": files,
+        "packages": package_versions(),
+        **({"generation": generation} if generation else {}),
+    }
+    _write_json(staging / "manifest.json", manifest)
+    return Path(staging)
 
 
 def tokenizer_config(source) -> dict:

@@ -14,6 +14,7 @@ from pathlib import Path
 from onnxlm.errors import OnnxlmError
 from onnxlm.passes.base import Pass
 from onnxlm.passes.registry import make_pass
+from onnxlm.schema import RECIPE, RECIPE_KEYS, check, read_json, reject_unknown_keys
 
 BUILTIN_DIR = Path(__file__).parent / "recipes"
 
@@ -27,6 +28,11 @@ class Recipe:
     def to_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "passes": [p.to_dict() for p in self.passes]}
 
+    def check_fits(self, info) -> None:
+        """Every pass's options fit this model (Pass.check_fits): checked before the export starts."""
+        for p in self.passes:
+            p.check_fits(info)
+
     def pipeline(self) -> str:
         """The pipeline on one line, MLIR-style: `cleanup -> quant_int4(block_size=32)`."""
         return " -> ".join(repr(p) for p in self.passes) or "(no passes)"
@@ -35,6 +41,8 @@ class Recipe:
     def from_dict(cls, data: dict, origin: str) -> Recipe:
         if not isinstance(data, dict) or not isinstance(data.get("passes"), list):
             raise OnnxlmError(f"recipe {origin} must be a JSON object with a 'passes' list")
+        check(data, RECIPE, f"recipe {origin}")
+        reject_unknown_keys(data, RECIPE_KEYS, f"recipe {origin}")
         return cls(
             name=str(data.get("name", Path(origin).stem)),
             description=str(data.get("description", "")),
@@ -62,8 +70,4 @@ def load_recipe(name_or_path: str) -> Recipe:
     else:
         known = ", ".join(builtin_recipes())
         raise OnnxlmError(f"unknown recipe '{name_or_path}' (built-in recipes: {known}; or give a .json file)")
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as exc:
-        raise OnnxlmError(f"recipe {path} is not valid JSON: {exc}") from None
-    return Recipe.from_dict(data, str(path))
+    return Recipe.from_dict(read_json(path, "recipe"), str(path))

@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+from onnxlm.errors import OnnxlmError
 from onnxlm.model_info import ModelInfo
+from onnxlm.schema import TOKENIZER_CONFIG, read_json, read_tokenizer
 
 
 class TextTokenizer:
     def __init__(self, directory: Path, info: ModelInfo):
-        from tokenizers import Tokenizer
-
-        self.tokenizer = Tokenizer.from_file(str(Path(directory) / "tokenizer.json"))
+        self.tokenizer = read_tokenizer(Path(directory) / "tokenizer.json")
         config_path = Path(directory) / "tokenizer_config.json"
-        self.config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        self.config = read_json(config_path, "tokenizer config", TOKENIZER_CONFIG) if config_path.exists() else {}
         self.info = info
 
+
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        """Token ids with no post-processor specials; BOS is prepended only when the model wants it."""
+        """Token ids with no post-processor specials; BOS is prepended only when the model wants it. Text that
+        is not valid Unicode (lone surrogates: undecodable bytes on the command line) is one clear error."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise OnnxlmError(f"the text is not valid UTF-8 (at character {exc.start})") from None
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         add_bos = self.info.add_bos_token if add_bos is None else add_bos
         if add_bos and self.info.bos_token_id is not None:
