@@ -7,11 +7,11 @@
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from onnxlm.errors import OnnxlmError
+from onnxlm.schema import read_text
 
 Progress = Callable[[str], None]
 
@@ -30,6 +30,7 @@ def optimize(
     max_ppl_increase: float | None = None,
     kv_scores: bool = False,
     sparsity: float | None = None,
+    overwrite: bool = False,
 ) -> Artifact:
     """Load `model`, export it, run the recipe's passes, lower for `ep`, and write the artifact to `output`.
 
@@ -39,39 +40,54 @@ def optimize(
     `remove_layers` pass to the recipe, after its first cleanup. `self_draft_layers` N also writes
     `output/draft/`: the same model built with `draft_recipe` (default: the same recipe) plus `remove_layers`
     N, for self-speculative decoding. `kv_scores` appends the `expose_attention` pass (positions apart from
-    cache slots, attention probabilities as outputs): what the h2o and veda KV policies need."""
-    from onnxlm.artifact import DRAFT_DIR, check_output_dir
+    cache slots, attention probabilities as outputs): what the h2o and veda KV policies need.
+
+    The whole artifact, draft included, is staged and moved into place in one rename (staging.py): a failed run
+    writes nothing and leaves an existing artifact as it was. An existing artifact at `output` is replaced only
+    with `overwrite=True`."""
+    from onnxlm.artifact import DRAFT_DIR
     from onnxlm.backends import get_backend
+    from onnxlm.frontend import load_source
     from onnxlm.passes.larosa.recipe import with_sparsity
     from onnxlm.passes.recipe import load_recipe
+    from onnxlm.staging import check_output, staged_output
 
     say = progress or (lambda _msg: None)
     output = Path(output)
     # Everything that can be checked cheaply is checked before the slow work starts.
-    check_output_dir(output)
+    check_output(output, overwrite)
     the_recipe = with_layer_removal(apply_overrides(load_recipe(recipe), overrides or {}), remove_layers,
                                     max_ppl_increase)
     the_recipe = with_sparsity(the_recipe, sparsity)
     if kv_scores:
         the_recipe = with_pass(the_recipe, {"pass": "expose_attention"})
+    builds = [(the_recipe, Path())]
     if self_draft_layers is not None:
         base = load_recipe(draft_recipe) if draft_recipe else apply_overrides(load_recipe(recipe), overrides or {})
-        the_draft_recipe = with_layer_removal(base, self_draft_layers, None)
+        builds.append((with_layer_removal(base, self_draft_layers, None), Path(DRAFT_DIR)))
     backend = get_backend(ep)
     calibration_text = read_text(Path(calibration) if calibration else CALIBRATION_TEXT)
+    if not calibration_text.strip():
+        raise OnnxlmError(f"the calibration text {calibration} is empty: lossy passes need it for their PPL report")
 
-    say(f"loading {model}")
-    from onnxlm.frontend import load_source
-
-    compile_source(load_source(model), the_recipe, backend, output, calibration_text, say)
-    if self_draft_layers is not None:
-        say(f"self-draft: the model without {self_draft_layers} layers")
-        compile_source(load_source(model), the_draft_recipe, backend, output / DRAFT_DIR, calibration_text, say)
+    with staged_output(output, overwrite) as stage:
+        for i, (build_recipe, where) in enumerate(builds):
+            if where != Path():
+                say(f"self-draft: the model without {self_draft_layers} layers")
+            say(f"loading {model}")
+            source = load_source(model)
+            if i == 0:  # the model's facts are known: the recipes' options must fit it, and the disk must hold it
+                for r, _ in builds:
+                    r.check_fits(source.info)
+                stage.check_space(source.fp32_bytes() * 2 * len(builds))  # the artifact and a scratch copy
+            compile_source(source, build_recipe, backend, stage.directory / where, stage.scratch,
+                           calibration_text, say)
     return load(output)
 
 
-def compile_source(source, recipe, backend, output: Path, calibration_text: str, say: Progress) -> None:
-    """Export a loaded source, run the recipe, lower it, write the artifact."""
+def compile_source(source, recipe, backend, output: Path, scratch: Path, calibration_text: str,
+                   say: Progress) -> None:
+    """Export a loaded source, run the recipe, lower it, write the artifact into `output` (a staging directory)."""
     from onnxlm.artifact import write_artifact
     from onnxlm.frontend.export import export_decoder
     from onnxlm.passes.base import PassContext
@@ -83,15 +99,17 @@ def compile_source(source, recipe, backend, output: Path, calibration_text: str,
         say("exporting to ONNX (torch.onnx, dynamo)")
         graph = export_decoder(source.torch_model, source.info)
         source.torch_model = None  # free the torch weights before the passes run
-    with tempfile.TemporaryDirectory(prefix="onnxlm-") as scratch:
-        ctx = PassContext(info=source.info, source=source.describe(), scratch=Path(scratch),
-                          calibration_ids=source.tokenizer.encode(calibration_text).ids,
-                          quantized_tensors=source.quantized_tensors)
-        reports = run_pipeline(graph, recipe, ctx, on_pass=lambda name: say(f"pass {name}"))
-        source.info = ctx.info  # a pass may change the model's facts (remove_layers: num_layers)
-        backend.lower(graph)
-        say(f"writing {output}")
-        write_artifact(output, graph, source, recipe, reports, exit_segments(graph, source.info))
+    calibration_ids = source.tokenizer.encode(calibration_text).ids
+    if len(calibration_ids) < 2:
+        raise OnnxlmError("the calibration text has fewer than 2 tokens: lossy passes need it for their PPL report")
+    ctx = PassContext(info=source.info, source=source.describe(), scratch=scratch,
+                      calibration_ids=calibration_ids, quantized_tensors=source.quantized_tensors)
+    reports = run_pipeline(graph, recipe, ctx, on_pass=lambda name: say(f"pass {name}"))
+    source.info = ctx.info  # a pass may change the model's facts (remove_layers: num_layers)
+    backend.lower(graph)
+    say(f"writing {output}")
+    output.mkdir(parents=True, exist_ok=True)
+    write_artifact(output, graph, source, recipe, reports, exit_segments(graph, source.info), source.generation)
 
 
 def exit_segments(graph, info) -> dict:
@@ -105,13 +123,6 @@ def exit_segments(graph, info) -> dict:
 
 
 CALIBRATION_TEXT = Path(__file__).parent / "passes" / "data" / "calibration.txt"
-
-
-def read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise OnnxlmError(f"cannot read text file {path}: {exc}") from None
 
 
 def with_layer_removal(recipe, n: int | None, max_ppl_increase: float | None):
@@ -187,15 +198,23 @@ class Artifact:
 
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 128, ignore_eos: bool = False,
                      decoding=None, draft: Artifact | None = None, stats=None) -> Iterator[int]:
-        """New token ids under `decoding` (a runtime.decoding.Decoding; default greedy). `draft` is the artifact
+        """New token ids under `decoding` (a runtime.decoding.Decoding; default: the artifact's recorded default,
+        `default_decoding()`; `Decoding()` is greedy). `draft` is the artifact
         that drafts for speculative decoding; `stats` (a SpeculativeStats) collects its acceptance counts."""
-        from onnxlm.runtime.decoding import Decoding, decode
+        from onnxlm.runtime.decoding import decode
 
         stop = () if ignore_eos else tuple(self.info.eos_token_ids)
-        decoding = decoding or Decoding()
+        decoding = decoding or self.default_decoding()
         exits = self.exit_segments() if decoding.exit_threshold is not None else None
         return decode(self.session, prompt_ids, max_new_tokens, decoding, stop,
                       draft.session if draft is not None else None, stats, exits)
+
+    def default_decoding(self, **sampling_overrides):
+        """The decoding this artifact records as its default (the source's recommendation, seeded; see
+        frontend/generation_defaults.py), with sampling options (temperature=..., seed=...) on top."""
+        from onnxlm.runtime.decoding import default_decoding
+
+        return default_decoding(self.manifest.get("generation"), sampling_overrides)
 
     def exit_segments(self):
         """The early-exit segments (DIR/exits/, from the early-exit recipe), loaded on first use."""
@@ -218,7 +237,8 @@ class Artifact:
 
     def generate(self, prompt: str, max_new_tokens: int = 128, stream: bool = False, chat: bool = True,
                  decoding=None, draft: Artifact | None = None, stop: Sequence[str] = (), stats=None):
-        """Generate text (greedy unless `decoding` says otherwise). With stream=True, an iterator of text pieces
+        """Generate text under `decoding` (default: the artifact's recorded default decoding, the model's own
+        recommendation, seeded; pass `Decoding()` for greedy). With stream=True, an iterator of text pieces
         (UTF-8 safe across token boundaries); else the whole text. Generation ends at EOS, at max_new_tokens, or
         where one of the `stop` strings appears (the stop string is not returned)."""
         from onnxlm.runtime.tokenizer import cut_at_stop_strings
@@ -248,6 +268,9 @@ class Artifact:
             text = read_text(Path(path))
         if max_tokens < 2:
             raise OnnxlmError(f"max_tokens must be at least 2, got {max_tokens}")
+        full = kv_policy is None or kv_policy.name == "full"
+        if window > self.info.context_length and full:
+            raise OnnxlmError(f"--window {window} exceeds the model's context length {self.info.context_length}")
         ids = self.tokenizer.encode(text, add_bos=False)[:max_tokens]
         if exit_threshold is not None:
             if halt_threshold is not None or (kv_policy is not None and kv_policy.name != "full"):

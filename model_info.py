@@ -44,6 +44,7 @@ class ModelInfo:
     bos_token_id: int | None
     eos_token_ids: list[int]
     add_bos_token: bool = False
+    intermediate_size: int = 0  # the MLP's width (0: unknown, in artifacts written before it was recorded)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -75,4 +76,5 @@ class ModelInfo:
             rope_theta=float(getattr(config, "rope_theta", 10000.0)),
             bos_token_id=config.bos_token_id,
             eos_token_ids=list(eos),
+            intermediate_size=int(getattr(config, "intermediate_size", 0) or 0),
         )

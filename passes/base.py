@@ -76,6 +76,10 @@ class Pass:
     def validate(self) -> None:
         """Raise OnnxlmError for option values outside their range."""
 
+    def check_fits(self, info: ModelInfo) -> None:
+        """Raise OnnxlmError if the options cannot apply to this model. Called once the source is loaded, before
+        the export and every pass, so that a recipe that cannot work fails in seconds, not after minutes."""
+
     def run(self, model, ctx: PassContext) -> tuple[bool, dict[str, int], list[str]]:
         """Edit `model` (an onnx_ir.Model) in place. Return (modified, matched counts, notes)."""
         raise NotImplementedError

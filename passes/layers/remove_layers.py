@@ -55,11 +55,14 @@ class RemoveLayers(Pass):
         if o.calibration_tokens < 16:
             raise OnnxlmError(f"remove_layers needs calibration_tokens >= 16, got {o.calibration_tokens}")
 
+    def check_fits(self, info) -> None:
+        if self.options.n >= info.num_layers:
+            raise OnnxlmError(f"cannot remove {self.options.n} of {info.num_layers} layers")
+
     def run(self, model, ctx: PassContext):
         o = self.options
         layers = ctx.info.num_layers
-        if o.n >= layers:
-            raise OnnxlmError(f"cannot remove {o.n} of {layers} layers")
+        self.check_fits(ctx.info)
         ids = ctx.calibration_ids[: o.calibration_tokens]
         if len(ids) < 16:
             raise OnnxlmError("remove_layers needs calibration text: fewer than 16 calibration tokens")

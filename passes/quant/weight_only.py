@@ -30,6 +30,9 @@ from onnxlm.passes.quant.linears import (
 )
 
 
+MAX_BLOCK = 1 << 16  # far above any layer width; the model's own bound is in check_fits
+
+
 @dataclasses.dataclass
 class WeightOnlyOptions:
     bits: int = 4
@@ -121,12 +124,22 @@ class QuantWeightOnly(Pass):
             raise OnnxlmError(f"quant_weight_only: bits must be 4 or 8, got {o.bits}")
         if o.block_size < 16 or o.block_size & (o.block_size - 1):
             raise OnnxlmError(f"quant_weight_only: block_size must be a power of 2 >= 16, got {o.block_size}")
+        if o.block_size > MAX_BLOCK:
+            raise OnnxlmError(f"quant_weight_only: block_size must be at most {MAX_BLOCK}, got {o.block_size}")
         if o.accuracy_level not in (0, 1, 2, 3, 4):
             raise OnnxlmError(f"quant_weight_only: accuracy_level must be 0..4, got {o.accuracy_level}")
         if o.method not in ("rtn", "gptq"):
             raise OnnxlmError(f"quant_weight_only: method must be rtn or gptq, got {o.method!r}")
         if o.method == "gptq" and o.bits != 4:
             raise OnnxlmError("quant_weight_only: ORT's GPTQ quantizes to 4 bits only")
+
+    def check_fits(self, info) -> None:
+        # A block wider than every layer only pads rows with zeros (K is padded to a multiple of the block).
+        width = max(info.hidden_size, info.intermediate_size)
+        widest = 1 << max(width - 1, 1).bit_length()  # the widest linear's K, rounded up to a power of 2
+        if self.options.block_size > widest:
+            raise OnnxlmError(f"quant_weight_only: block_size {self.options.block_size} is wider than the model's "
+                              f"layers (at most {width} wide): use at most {widest}")
 
     def run(self, model, ctx: PassContext):
         import onnx_ir as ir
