@@ -79,12 +79,9 @@ SUPPORTED = ("Q4_0", "Q4_1", "Q8_0")
 
 def read_quantized_tensors(path: Path) -> dict[str, QuantizedTensor]:
     """Every block-quantized 2-D tensor of a GGUF file whose type is in SUPPORTED, by GGUF tensor name."""
-    import gguf
+    from onnxlm.frontend.load_gguf import open_gguf
 
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as exc:
-        raise OnnxlmError(f"cannot read GGUF file {path}: {exc}") from None
+    reader = open_gguf(path)
     out = {}
     for t in reader.tensors:
         qtype = t.tensor_type.name
@@ -99,6 +96,6 @@ def tensor_types(path: Path) -> dict[str, int]:
     """How many tensors of each ggml type the file holds, e.g. {"Q4_1": 210, "Q8_0": 1, "F32": 61}."""
     import collections
 
-    import gguf
+    from onnxlm.frontend.load_gguf import open_gguf
 
-    return dict(collections.Counter(t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors))
+    return dict(collections.Counter(t.tensor_type.name for t in open_gguf(path).tensors))

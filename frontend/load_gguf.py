@@ -10,18 +10,50 @@ import io
 from pathlib import Path
 
 from onnxlm.errors import OnnxlmError
+from onnxlm.frontend.generation_defaults import from_gguf_metadata
 from onnxlm.frontend.source import Source, sha256_of
 from onnxlm.model_info import ModelInfo, check_architecture
 
 
-def read_gguf_metadata(path: Path) -> dict:
-    """The GGUF key/value header as plain Python values (arrays of tokens are skipped: they are large)."""
+# Far above any real GGUF (a few dozen keys, a few thousand tensors of at most 4 dims); a count past these is a
+# corrupt header, refused before the reader walks millions of bogus entries.
+MAX_KEYS, MAX_TENSORS = 1 << 16, 1 << 20
+
+
+def check_gguf_header(path: Path) -> None:
+    """The fixed header: magic, a known version, and key/tensor counts that a file of this size can hold."""
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) < 24 or head[:4] != b"GGUF":
+        raise OnnxlmError(f"cannot read GGUF file {path}: no GGUF header")
+    version, tensors, keys = struct.unpack("<IQQ", head[4:])
+    if version not in (2, 3):
+        raise OnnxlmError(f"cannot read GGUF file {path}: version {version} (onnxlm reads versions 2 and 3)")
+    if keys > MAX_KEYS or tensors > MAX_TENSORS:
+        raise OnnxlmError(f"cannot read GGUF file {path}: its header claims {keys} keys and {tensors} tensors")
+
+
+def open_gguf(path: Path):
+    """A gguf.GGUFReader over a checked file: the header first, then every tensor's data inside the file."""
     import gguf
 
+    check_gguf_header(path)
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as exc:  # the reader raises ValueError, struct errors, mmap errors... on a bad file
-        raise OnnxlmError(f"cannot read GGUF file {path}: {exc}") from None
+        raise OnnxlmError(f"cannot read GGUF file {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + int(t.n_bytes) > size or int(t.data.nbytes) != int(t.n_bytes) or len(t.shape) > 4:
+            raise OnnxlmError(f"cannot read GGUF file {path}: tensor {t.name} lies outside the file or is malformed")
+    return reader
+
+
+def read_gguf_metadata(path: Path) -> dict:
+    """The GGUF key/value header as plain Python values (arrays of tokens are skipped: they are large)."""
+    reader = open_gguf(path)
     meta = {}
     for key, field in reader.fields.items():
         if key.startswith("tokenizer.ggml.") and key.endswith(("tokens", "merges", "token_type", "scores")):
@@ -30,7 +62,21 @@ def read_gguf_metadata(path: Path) -> dict:
             meta[key] = field.contents()
         except Exception:  # an unusual field type; nothing we need
             continue
+    meta["onnxlm.tensor_elements"] = sum(int(t.n_elements) for t in reader.tensors)
     return meta
+
+
+def check_model_size(path: Path, meta: dict, arch: str) -> None:
+    """The metadata's dimensions must describe the tensors the file holds: a header that claims a far larger
+    model than the file stores would make the loader allocate it (a corrupt or hostile file)."""
+    dims = {k: meta.get(f"{arch}.{k}") for k in ("embedding_length", "block_count", "feed_forward_length")}
+    if not all(isinstance(v, int) and v > 0 for v in dims.values()):
+        raise OnnxlmError(f"GGUF file {path} lacks valid {arch}.embedding_length / block_count / feed_forward_length")
+    hidden, layers, ffn = dims["embedding_length"], dims["block_count"], dims["feed_forward_length"]
+    implied = layers * (2 * hidden * hidden + 3 * hidden * ffn)  # at least the o, q and MLP weights of GQA
+    if implied > 2 * meta["onnxlm.tensor_elements"] + (1 << 20):
+        raise OnnxlmError(f"GGUF file {path}: its header describes a model of {implied:,} weights, but the file "
+                          f"holds {meta['onnxlm.tensor_elements']:,}")
 
 
 def gguf_tokenizer(converted, meta: dict):
@@ -65,6 +111,7 @@ def gguf_tokenizer(converted, meta: dict):
 def load_gguf(path: Path) -> Source:
     meta = read_gguf_metadata(path)
     arch = check_architecture(meta.get("general.architecture"))
+    check_model_size(path, meta, arch)
 
     import torch
     import transformers
@@ -77,13 +124,12 @@ def load_gguf(path: Path) -> Source:
             )
         hf_tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as exc:
-        raise OnnxlmError(f"cannot load GGUF model {path}: {exc}") from None
+        raise OnnxlmError(f"cannot load GGUF model {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
     model.eval()
 
     tokenizer = gguf_tokenizer(hf_tokenizer.backend_tokenizer, meta)
     eos = meta.get("tokenizer.ggml.eos_token_id")
     info = ModelInfo.from_hf_config(model.config, [int(eos)] if eos is not None else None)
-    assert info.architecture == arch
     info.add_bos_token = bool(meta.get("tokenizer.ggml.add_bos_token", False))
     return Source(
         kind="gguf",
@@ -93,4 +139,5 @@ def load_gguf(path: Path) -> Source:
         tokenizer=tokenizer,
         chat_template=meta.get("tokenizer.chat_template"),
         torch_model=model,
+        generation=from_gguf_metadata(meta),
     )

@@ -1,68 +1,73 @@
-"""Load a Hugging Face checkpoint directory (config.json, weights, tokenizer.json) as an fp32 torch model."""
+"""Load a Hugging Face checkpoint directory (config.json, safetensors weights, tokenizer.json) as an fp32 torch
+model. Every small file is read and checked before the (slow) weight load, so bad input fails fast."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from onnxlm.errors import OnnxlmError
+from onnxlm.frontend.generation_defaults import from_hf_generation_config
 from onnxlm.frontend.source import Source, sha256_of
 from onnxlm.model_info import ModelInfo, check_architecture
+from onnxlm.schema import TOKENIZER_CONFIG, Opt, read_json, read_text, read_tokenizer
+
+# Weights in Python's pickle format: loading one can run any code its author put in it.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise OnnxlmError(f"cannot read {path}: {exc}") from None
+def checked_weights(directory: Path) -> list[Path]:
+    """The checkpoint's safetensors files; pickle weights are refused, since loading them can run code."""
+    weights = sorted(directory.glob("*.safetensors"))
+    if weights:
+        return weights
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise OnnxlmError(f"{directory} has only pickle weights ({', '.join(pickles)}): onnxlm refuses them, since "
+                          "loading a pickle can run arbitrary code; convert the checkpoint to safetensors")
+    raise OnnxlmError(f"{directory} has no weights: expected *.safetensors files")
 
 
 def load_hf(directory: Path) -> Source:
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise OnnxlmError(f"{directory} is not an HF checkpoint: it has no config.json")
-    config_json = _read_json(config_path)
-    arch = config_json.get("model_type")
-    # Check the architecture before the (slow) weight load, so bad input fails fast.
-    check_architecture(arch)
+    config_json = read_json(config_path, "config", {"model_type": Opt(str)})
+    check_architecture(config_json.get("model_type"))
     tokenizer_path = directory / "tokenizer.json"
     if not tokenizer_path.is_file():
         raise OnnxlmError(f"{directory} has no tokenizer.json (a fast tokenizer is required)")
+    tokenizer = read_tokenizer(tokenizer_path)
+    weights = checked_weights(directory)
+    generation_path = directory / "generation_config.json"
+    generation = read_json(generation_path, "generation config", {}) if generation_path.is_file() else {}
+    eos = generation.get("eos_token_id")
+    eos = [eos] if isinstance(eos, int) else eos if isinstance(eos, list) and all(
+        isinstance(e, int) for e in eos) else None
+    tc_path = directory / "tokenizer_config.json"
+    tc = read_json(tc_path, "tokenizer config", TOKENIZER_CONFIG) if tc_path.is_file() else {}
+    chat_template = tc.get("chat_template") if isinstance(tc.get("chat_template"), str) else None
+    template_path = directory / "chat_template.jinja"
+    if template_path.is_file():
+        chat_template = read_text(template_path, "chat template")
 
     import torch
     import transformers
-    from tokenizers import Tokenizer
 
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+        model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
+                                                                  use_safetensors=True)
     except Exception as exc:  # transformers raises many types for a broken checkpoint
-        raise OnnxlmError(f"cannot load the checkpoint in {directory}: {exc}") from None
+        raise OnnxlmError(f"cannot load the checkpoint in {directory}: {str(exc).splitlines()[0]}") from None
     model.eval()
-
-    eos = None
-    generation_config = directory / "generation_config.json"
-    if generation_config.is_file():
-        eos = _read_json(generation_config).get("eos_token_id")
-        eos = [eos] if isinstance(eos, int) else eos
     info = ModelInfo.from_hf_config(model.config, eos)
-
-    chat_template = None
-    tokenizer_config = directory / "tokenizer_config.json"
-    if tokenizer_config.is_file():
-        tc = _read_json(tokenizer_config)
-        chat_template = tc.get("chat_template")
-        info.add_bos_token = bool(tc.get("add_bos_token", False))
-    if (directory / "chat_template.jinja").is_file():
-        chat_template = (directory / "chat_template.jinja").read_text()
-
-    weights = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
+    info.add_bos_token = bool(tc.get("add_bos_token", False))
     return Source(
         kind="hf",
         path=directory,
         sha256=sha256_of([config_path, *weights]),
         info=info,
-        tokenizer=Tokenizer.from_file(str(tokenizer_path)),
+        tokenizer=tokenizer,
         chat_template=chat_template,
         torch_model=model,
+        generation=from_hf_generation_config(generation),
     )
-

@@ -10,6 +10,7 @@ from typing import Any
 
 from onnxlm.errors import OnnxlmError
 from onnxlm.model_info import ModelInfo
+from onnxlm.schema import check_regular_file
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -29,6 +30,15 @@ class Source:
     chat_template: str | None = None
     torch_model: Any = None
     onnx_model: Any = None  # onnx_ir.Model for kind == "onnx"
+    generation: dict | None = None  # default decoding settings (generation_defaults.py), recorded in the artifact
+
+    def fp32_bytes(self) -> int:
+        """The weights' size in fp32: what an fp32 artifact of this model takes on disk (an upper bound for the
+        quantized recipes)."""
+        if self.torch_model is not None:
+            return 4 * sum(p.numel() for p in self.torch_model.parameters())
+        return sum(4 * int(v.const_value.size) for v in self.onnx_model.graph.initializers.values()
+                   if v.const_value is not None)
 
     def quantized_tensors(self) -> dict | None:
         """A GGUF source's block-quantized tensors (frontend/gguf_blocks.py), read now; None for other kinds."""
@@ -57,6 +67,8 @@ def resolve_model_path(spec: str) -> Path:
     path = Path(spec).expanduser()
     if not path.exists():
         raise OnnxlmError(f"model path does not exist: {path}")
+    if not path.is_dir():
+        check_regular_file(path, "model file")  # a FIFO or a device would block the read forever
     return path
 
 
@@ -73,6 +85,15 @@ def sha256_of(paths: list[Path]) -> str:
 def load_source(spec: str) -> Source:
     """Load a model from an alias, an HF checkpoint directory, a .gguf file or a decoder .onnx file."""
     path = resolve_model_path(spec)
+    source = _load_path(path)
+    if spec == DEFAULT_MODEL:
+        from onnxlm.frontend.generation_defaults import SMOLLM2_CARD
+
+        source.generation = dict(SMOLLM2_CARD)
+    return source
+
+
+def _load_path(path: Path) -> Source:
     if path.is_dir():
         from onnxlm.frontend.load_hf import load_hf
 
