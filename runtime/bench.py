@@ -15,6 +15,8 @@ import time
 
 import numpy as np
 
+from onnxlm.errors import OnnxlmError
+
 from onnxlm.runtime.bounded_cache import bounded_prefill, policy_step
 from onnxlm.runtime.bounded_cache import start as start_bounded
 from onnxlm.runtime.early_exit import ExitState, exit_step
@@ -79,6 +81,11 @@ PROMPT_TOKENS, NEW_TOKENS, PREFILL_TOKENS = 32, 128, 512
 def bench(model: DecoderSession, tokenizer, runs: int = 5, on_run=None, context: int = PROMPT_TOKENS,
           kv_policy: KVPolicyConfig | None = None, halt_threshold: float | None = None,
           exits: tuple | None = None) -> dict:
+    limit = model.info.context_length
+    if context + NEW_TOKENS > limit and (kv_policy is None or kv_policy.name == "full"):
+        raise OnnxlmError(f"--context {context} + {NEW_TOKENS} timed tokens exceed the model's context length {limit}")
+    if PREFILL_TOKENS > limit:
+        raise OnnxlmError(f"the {PREFILL_TOKENS}-token prefill exceeds the model's context length {limit}")
     short, long = bench_prompt(tokenizer, context), bench_prompt(tokenizer, PREFILL_TOKENS)
     time_generation(model, short, 4, kv_policy, halt_threshold, exits)  # warm-up: first-run allocations
     ttft, decode, prefill_s = [], [], []

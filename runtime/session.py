@@ -66,6 +66,10 @@ class DecoderSession:
         except Exception as exc:
             raise OnnxlmError(f"ONNX Runtime cannot load {self.directory / MODEL_FILE}: {exc}") from None
         self.input_names = {i.name for i in self.session.get_inputs()}
+        graph_layers = sum(1 for name in self.input_names if name.startswith("past_key_values."))
+        if graph_layers != 2 * self.info.num_layers:
+            raise OnnxlmError(f"{self.directory}: the manifest says {self.info.num_layers} layers but the graph has "
+                              f"KV inputs for {graph_layers // 2}")
         self.kv_input_names = self._ordered_kv("past_key_values.{}.{}")
         self.kv_output_names = self._ordered_kv("present.{}.{}")
         self.shared_kv = shares_kv_buffer(self.manifest.get("op_histogram", {}))
@@ -128,10 +132,13 @@ class DecoderSession:
             if total > cache.capacity:
                 raise OnnxlmError(f"KV cache full: position {total - 1} is past its capacity {cache.capacity}")
         else:
+            first = cache.length + cache.offset  # offset: tokens evicted from a cache that keeps original positions
+            if first + seq > self.info.context_length:  # the plain graph's growing cache has no capacity to stop it
+                raise OnnxlmError(f"position {first + seq - 1} is past the model's context length "
+                                  f"{self.info.context_length}")
             cache.check_room(seq)
             total = cache.length + seq
             self._check_offset(cache)
-            first = cache.length + cache.offset  # offset: tokens evicted from a cache that keeps original positions
             positions = np.broadcast_to(np.arange(first, first + seq, dtype=np.int64), (batch, seq)).copy()
         io = self._binding(cache)
         first_slot = cache.length
