@@ -87,13 +87,14 @@ def emit(result: dict, as_json: bool, text: str) -> None:
 
 def check_summary(check: dict) -> str:
     """A pass report's check on one line: the logit bound of a lossless pass, the PPL cost of a lossy one."""
-    if "max_abs_logit_diff" in check:
+    if check.get("max_abs_logit_diff") is not None and check.get("tolerance") is not None:
         return f"|dlogit| {check['max_abs_logit_diff']:.2e} <= {check['tolerance']:.2e}"
-    if check.get("ppl_after") is not None:
-        text = f"PPL {check['ppl_before']:.3f} -> {check['ppl_after']:.3f} on {check['ppl_tokens']} calibration tokens"
+    if check.get("ppl_after") is not None and check.get("ppl_before") is not None:
+        text = f"PPL {check['ppl_before']:.3f} -> {check['ppl_after']:.3f} on {check.get('ppl_tokens', '?')} " \
+               "calibration tokens"
         if check.get("weight_rel_error") is not None:
             text += f", weight error {check['weight_rel_error']:.4f}"
-        if check.get("bytes_after"):
+        if check.get("bytes_after") and check.get("bytes_before") is not None:
             text += f", {check['bytes_before'] / 1e6:.0f} -> {check['bytes_after'] / 1e6:.0f} MB"
         return text
     return "lossy"
@@ -127,6 +128,8 @@ def optimize(
     kv_scores: Annotated[bool, typer.Option(
         help="Also output each layer's attention probabilities and take positions apart from cache slots (the "
              "expose_attention pass), for --kv-policy h2o / veda.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace an artifact already at OUTPUT (without it, an existing artifact is refused).")] = False,
     sparsity: Annotated[Optional[float], typer.Option(
         min=0.0, max=0.83, help="La RoSA: rotate the residual stream (lossless) and keep the top (1 - S) of each "
                                "linear's input per token in decode (0.8 S on rotated inputs, 1.2 S on o/down).")] = None,
@@ -143,7 +146,7 @@ def optimize(
         art = run_optimize(model, recipe=recipe, output=output, ep=ep, progress=say, overrides=overrides,
                            calibration=calibration, self_draft_layers=self_draft_layers, draft_recipe=draft_recipe,
                            remove_layers=remove_layers, max_ppl_increase=max_ppl_increase,
-                           kv_scores=kv_scores, sparsity=sparsity)
+                           kv_scores=kv_scores, sparsity=sparsity, overwrite=overwrite)
     for report in art.manifest["passes"]:
         err.print(f"  {report['name']}: {report['nodes_before']} -> {report['nodes_after']} nodes, "
                   f"{check_summary(report['check'])}")
@@ -157,15 +160,17 @@ def generate(
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate.")] = 128,
     chat: Annotated[bool, typer.Option(help="Wrap the prompt in the model's chat template.")] = True,
     decoding: Annotated[Optional[str], typer.Option(
-        help="greedy | sample | beam | speculative. Default: speculative when a draft source is given, sample "
-             "when a sampling option is, else greedy.")] = None,
+        help="greedy | sample | beam | speculative. Default: speculative when a draft source is given, else the "
+             "artifact's recorded default (the model's recommended sampling, seeded; see `onnxlm inspect`).")] = None,
+    greedy: Annotated[bool, typer.Option("--greedy", help="Greedy decoding: the same as --decoding greedy.")] = False,
     temperature: Annotated[Optional[float], typer.Option(help="Sampling: divide logits by T (> 0).")] = None,
     top_k: Annotated[Optional[int], typer.Option(help="Sampling: keep the K most likely tokens (0: off).")] = None,
     top_p: Annotated[Optional[float], typer.Option(help="Sampling: keep the smallest set with mass P.")] = None,
     min_p: Annotated[Optional[float], typer.Option(help="Sampling: drop tokens below P x the top probability.")] = None,
     repetition_penalty: Annotated[Optional[float], typer.Option(
         help="Sampling: CTRL penalty on tokens already in the context (1.0: off).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Sampling: random seed, for a reproducible run.")] = None,
+    seed: Annotated[Optional[int], typer.Option(
+        min=0, max=2**64 - 1, help="Sampling: random seed (default: the artifact's, 0), for a reproducible run.")] = None,
     num_beams: Annotated[int, typer.Option(min=1, help="Beam search: number of beams.")] = 4,
     length_penalty: Annotated[float, typer.Option(help="Beam search: score / length ** P for finished beams.")] = 1.0,
     early_stopping: Annotated[bool, typer.Option(help="Beam search: stop once num_beams hypotheses are done.")] = False,
@@ -197,12 +202,24 @@ def generate(
         raise OnnxlmError(f"give one draft source, not {' and '.join(sources)}")
     given = {k: v for k, v in dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                    repetition_penalty=repetition_penalty, seed=seed).items() if v is not None}
-    mode = decoding or ("speculative" if sources else "sample" if given else "greedy")
+    if greedy and decoding not in (None, "greedy"):
+        raise OnnxlmError(f"--greedy and --decoding {decoding} disagree")
+    mode = "greedy" if greedy else decoding or ("speculative" if sources else None)
     if sources and mode != "speculative":
         raise OnnxlmError(f"{sources[0]} drafts for --decoding speculative, not {mode}")
-    sampling = SamplingConfig(**given) if given or mode == "sample" else None
+    kv = kv_config(kv_policy, kv_budget, sinks)
+    if mode in (None, "sample"):  # the artifact's recorded default decoding, sampling options on top
+        from onnxlm.artifact import read_manifest
+        from onnxlm.runtime.decoding import default_decoding
+
+        base = default_decoding(read_manifest(directory).get("generation"), given)
+        if mode == "sample" and base.mode == "greedy":
+            base = Decoding("sample", SamplingConfig())
+        mode, sampling = base.mode, base.sampling
+    else:
+        sampling = SamplingConfig(**given) if given or mode == "sample" else None
     spec = Decoding(mode, sampling, num_beams, length_penalty, early_stopping, prompt_lookup, max_draft, chunk_size,
-                    kv_config(kv_policy, kv_budget, sinks), halt_threshold, exit_threshold)
+                    kv, halt_threshold, exit_threshold)
     # sessions taking turns (a draft, the early-exit segments): no spinning workers (backends/cpu.py)
     turns = self_draft or draft is not None or exit_threshold is not None
     art = load(directory, threads=threads, spinning=not turns)
@@ -303,6 +320,10 @@ def inspect(
     out.print(f"model: {m['architecture']}, {m['num_layers']} layers, {m['num_heads']} heads / {m['num_kv_heads']} KV heads, "
               f"hidden {m['hidden_size']}, vocab {m['vocab_size']}")
     out.print(f"recipe: {recipe['name']}: {' -> '.join(p['pass'] for p in recipe['passes']) or '(none)'}")
+    generation = dict(manifest.get("generation") or {"mode": "greedy", "origin": "none recorded"})
+    mode, origin = generation.pop("mode"), generation.pop("origin", "")
+    settings = ", ".join(f"{k} {v}" for k, v in generation.items())
+    out.print(f"default decoding: {mode}{f' ({settings})' if settings else ''}, from {origin}")
     passes = Table("pass", "nodes", "seconds", "check", "matched / notes", title="passes")
     for r in manifest["passes"]:
         check_text = check_summary(r["check"])
@@ -330,24 +351,63 @@ def recipes():
         typer.echo(f"{name:16} {description}")
 
 
+_terminated = []  # set by the SIGTERM handler
+
+
+def _on_sigterm(signum, frame):
+    """SIGTERM unwinds like Ctrl-C, from wherever the process is, so that staging directories are removed."""
+    _terminated.append(signum)
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: maps user errors to one line on stderr and exit code 2."""
+    """Entry point: maps user errors to one line on stderr and exit code 2. Set ONNXLM_DEBUG=1 for tracebacks."""
+    import os
+    import signal
+
     argv = sys.argv[1:] if argv is None else argv
     # Warnings and errors only. Installed first, so that a library that calls logging.basicConfig(level=INFO) at
     # import (ORT's MatMulNBitsQuantizer does) cannot turn every INFO line of ORT and onnx-ir into output.
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(levelname)s: %(message)s")
+    with contextlib.suppress(ValueError):  # not in the main thread (an embedding program): leave its handler
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    debug = os.environ.get("ONNXLM_DEBUG") not in (None, "", "0")
     try:
         code = app(args=argv or ["--help"], prog_name="onnxlm", standalone_mode=False)
-    except OnnxlmError as exc:
-        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except typer.TyperException as exc:  # usage errors: unknown option, bad value, missing argument
-        err.print(f"error: {exc.format_message()}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        err.print("aborted")
-        sys.exit(130)
+    except BaseException as exc:
+        code = _failure(exc, debug)
+    if _terminated or code == 130:  # typer turns Ctrl-C (and so our SIGTERM) into a return code of 130
+        _fail("terminated" if _terminated else "aborted", 143 if _terminated else 130)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _failure(exc: BaseException, debug: bool) -> int:
+    """One line for whatever ended the command, and its exit code. A SIGTERM wins over the error it caused: it
+    can surface inside a library as that library's own error (ORT reports "initialization failed")."""
+    if _terminated or isinstance(exc, (typer.Abort, KeyboardInterrupt)):
+        return 130
+    if isinstance(exc, SystemExit):
+        raise exc
+    if isinstance(exc, OnnxlmError):
+        _fail(f"error: {exc}", 2)
+    if isinstance(exc, typer.TyperException):  # usage errors: unknown option, bad value, missing argument
+        _fail(f"error: {exc.format_message()}", exc.exit_code)
+    if isinstance(exc, OSError):  # the environment: a full disk, a file that vanished, a permission
+        _fail(f"error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", 2)
+    if isinstance(exc, MemoryError):
+        _fail("error: out of memory", 2)
+    if debug:  # a bug in onnxlm: still one line; ONNXLM_DEBUG=1 shows the traceback
+        raise exc
+    _fail(f"error: internal error (a bug in onnxlm, please report it; ONNXLM_DEBUG=1 shows the traceback): "
+          f"{type(exc).__name__}: {exc}".splitlines()[0], 70)
+    return 70
+
+
+def _fail(message: str, code: int) -> None:
+    """The one line: control characters that a file or path name may carry are shown escaped, not obeyed."""
+    message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+    err.print(message, markup=False, highlight=False, soft_wrap=True)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

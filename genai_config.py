@@ -9,9 +9,15 @@ from __future__ import annotations
 from onnxlm.model_info import ModelInfo, shares_kv_buffer
 
 
-def genai_config(info: ModelInfo, op_histogram: dict[str, int], model_file: str = "model.onnx") -> dict:
+def genai_config(info: ModelInfo, op_histogram: dict[str, int], model_file: str = "model.onnx",
+                 generation: dict | None = None) -> dict:
+    """The config; `generation` (frontend/generation_defaults.py) sets genai's default search the way onnxlm's
+    own default decoding is set: sampling with the model's recommended settings, or greedy."""
     eos = info.eos_token_ids
-    return {
+    sample = (generation or {}).get("mode") == "sample"
+    sampling = {k: generation[k] for k in ("top_k", "top_p", "temperature", "repetition_penalty")
+                if sample and k in generation}
+    config = {
         "model": {
             "type": info.architecture,
             "bos_token_id": info.bos_token_id,
@@ -57,3 +63,8 @@ def genai_config(info: ModelInfo, op_histogram: dict[str, int], model_file: str 
             "no_repeat_ngram_size": 0,
         },
     }
+    if sample:  # genai has no min_p; its top_k 0 means all tokens
+        config["search"].update({"do_sample": True, "top_k": 0, **sampling})
+        if "seed" in generation:
+            config["search"]["random_seed"] = generation["seed"]
+    return config

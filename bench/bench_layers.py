@@ -125,10 +125,10 @@ def main() -> None:
     gpl = tokenizer.encode(GPL3.read_text(), add_bos=False)[:4096]
 
     prompt = arts[0].prompt_ids("Write a short story about a cat who wants to learn to fly.")
-    full_tokens = list(arts[0].generate_ids(prompt, 256, ignore_eos=True))
+    full_tokens = list(arts[0].generate_ids(prompt, 256, ignore_eos=True, decoding=Decoding()))  # greedy
     rows = {}
     for n, art in arts.items():
-        tokens = list(art.generate_ids(prompt, 256, ignore_eos=True))
+        tokens = list(art.generate_ids(prompt, 256, ignore_eos=True, decoding=Decoding()))
         removed = [] if n == 0 else next(p for p in art.manifest["passes"]
                                          if p["name"] == "remove_layers")["check"]["removed_layers"]
         rows[n] = {"ppl": art.perplexity(text=GPL3.read_text(), max_tokens=4096)["ppl"],

@@ -63,6 +63,22 @@ class Decoding:
             raise OnnxlmError("--kv-policy chunks the prompt to fit its budget: leave out --chunk-size")
 
 
+SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingConfig))
+
+
+def default_decoding(generation: dict | None, overrides: dict | None = None) -> Decoding:
+    """The decoding an artifact records as its default (manifest "generation", frontend/generation_defaults.py),
+    with sampling `overrides` on top (which imply sampling); greedy for an artifact that records none."""
+    generation, overrides = generation or {"mode": "greedy"}, overrides or {}
+    mode = "sample" if overrides else generation.get("mode", "greedy")
+    if mode not in ("greedy", "sample"):
+        raise OnnxlmError(f"the artifact's default decoding '{mode}' is not greedy or sample")
+    if mode == "greedy":
+        return Decoding()
+    recorded = {k: v for k, v in generation.items() if k in SAMPLING_FIELDS} if generation.get("mode") == "sample" else {}
+    return Decoding("sample", SamplingConfig(**{**recorded, **overrides}))
+
+
 def decode(
     model: DecoderSession,
     prompt_ids: list[int],
