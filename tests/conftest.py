@@ -66,6 +66,64 @@ def write_tiny_llama(directory: Path, model_type: str = "llama", layers: int = 2
     return directory
 
 
+def write_tiny_gguf(hf: Path, path: Path) -> Path:
+    """The tiny llama as a GGUF file the way llama.cpp's converter lays one out (F32 tensors, a gpt2 tokenizer with
+    the smollm pre-tokenizer, tied embeddings): a small GGUF source for the loaders and the fuzz suite."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    config = json.loads((hf / "config.json").read_text())
+    tok = json.loads((hf / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    specials = {a["content"] for a in tok["added_tokens"]}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(config["num_attention_heads"])
+    w.add_head_count_kv(config["num_key_value_heads"])
+    w.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in specials else 1 for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(config["bos_token_id"])
+    w.add_eos_token_id(config["eos_token_id"])
+    weights = load_file(str(hf / "model.safetensors"))
+    names = {"embed_tokens": "token_embd", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    for key, value in sorted(weights.items()):
+        parts = key.removeprefix("model.").removesuffix(".weight")
+        if parts == "norm":
+            name = "output_norm"
+        elif parts.startswith("layers."):
+            _, i, rest = parts.split(".", 2)
+            name = f"blk.{i}.{names[rest]}"
+        elif parts == "embed_tokens":
+            name = "token_embd"
+        else:
+            continue  # lm_head: tied
+        w.add_tensor(f"{name}.weight", np.ascontiguousarray(value, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_hf_dir, tmp_path_factory) -> Path:
+    return write_tiny_gguf(tiny_hf_dir, tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "hf")
@@ -117,3 +175,13 @@ def smollm2_torch():
     from onnxlm.frontend import load_source
 
     return load_source("smollm2-135m")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fuzz suite's case count (tests/test_fuzz.py), so that every run says how much it tried."""
+    import sys
+
+    fuzz = sys.modules.get("test_fuzz")
+    if fuzz is not None and fuzz.CASES:
+        per_target = ", ".join(f"{target} {n}" for target, n in sorted(fuzz.CASES.items()))
+        terminalreporter.write_line(f"fuzz: {sum(fuzz.CASES.values())} cases tried ({per_target})")

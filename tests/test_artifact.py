@@ -49,8 +49,8 @@ def test_failed_run_keeps_the_existing_artifact(tiny_hf_dir, tmp_path, broken_re
     out = tmp_path / "out"
     onnxlm.optimize(str(tiny_hf_dir), recipe="fp32", output=out)
     before = (out / "manifest.json").read_text()
-    with pytest.raises(onnxlm.OnnxlmError):
-        onnxlm.optimize(str(tiny_hf_dir), recipe=broken_recipe, output=out)
+    with pytest.raises(onnxlm.OnnxlmError, match="should be lossless"):
+        onnxlm.optimize(str(tiny_hf_dir), recipe=broken_recipe, output=out, overwrite=True)
     assert (out / "manifest.json").read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.json", "out"]
 
@@ -58,7 +58,9 @@ def test_failed_run_keeps_the_existing_artifact(tiny_hf_dir, tmp_path, broken_re
 def test_rewriting_an_artifact_replaces_it(tiny_hf_dir, tmp_path):
     out = tmp_path / "out"
     first = onnxlm.optimize(str(tiny_hf_dir), recipe="fp32", output=out).manifest["created"]
-    second = onnxlm.optimize(str(tiny_hf_dir), recipe="fp32", output=out)
+    with pytest.raises(onnxlm.OnnxlmError, match="--overwrite"):
+        onnxlm.optimize(str(tiny_hf_dir), recipe="fp32", output=out)
+    second = onnxlm.optimize(str(tiny_hf_dir), recipe="fp32", output=out, overwrite=True)
     assert second.manifest["created"] >= first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 

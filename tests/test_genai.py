@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from onnxlm.runtime.decoding import Decoding
+
 og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is part of the test extras")
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -20,7 +22,7 @@ def readme_genai_snippet() -> str:
 def genai_greedy(directory, ids: list[int], new_tokens: int) -> list[int]:
     model = og.Model(str(directory))
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + new_tokens)
+    params.set_search_options(max_length=len(ids) + new_tokens, do_sample=False)
     generator = og.Generator(model, params)
     generator.append_tokens(ids)
     while not generator.is_done():
@@ -52,7 +54,7 @@ def test_genai_config_shares_the_kv_buffer_only_on_gqa_graphs(tiny_artifacts):
 def test_tiny_greedy_equals_onnxlm(tiny_artifacts, recipe):
     art = tiny_artifacts(recipe)
     ids = art.tokenizer.encode("The quick brown fox")
-    ours = list(art.generate_ids(ids, max_new_tokens=24, ignore_eos=True))
+    ours = list(art.generate_ids(ids, max_new_tokens=24, ignore_eos=True, decoding=Decoding()))
     assert genai_greedy(art.directory, ids, 24) == ours
 
 
@@ -61,7 +63,7 @@ def test_tiny_greedy_equals_onnxlm(tiny_artifacts, recipe):
 def test_smollm2_greedy_equals_onnxlm(smollm2_artifact, prompt):
     """Both stop at EOS; genai leaves the EOS token out of the sequence, onnxlm yields it."""
     ids = smollm2_artifact.prompt_ids(prompt)
-    ours = list(smollm2_artifact.generate_ids(ids, max_new_tokens=64))
+    ours = list(smollm2_artifact.generate_ids(ids, max_new_tokens=64, decoding=Decoding()))
     if ours[-1] in smollm2_artifact.info.eos_token_ids:
         ours = ours[:-1]
     assert genai_greedy(smollm2_artifact.directory, ids, 64) == ours

@@ -6,6 +6,7 @@ import pytest
 from conftest import GPL3
 from reference import torch_greedy, torch_logits, torch_perplexity
 
+from onnxlm.runtime.decoding import Decoding
 from onnxlm.runtime.generate import decode_one_token, prefill
 
 pytestmark = pytest.mark.integration
@@ -34,7 +35,7 @@ def test_logits_match_transformers(smollm2_artifact, smollm2_torch):
 
 def test_greedy_64_tokens_identical_to_transformers(smollm2_artifact, smollm2_torch):
     ids = smollm2_artifact.prompt_ids("Write a haiku about the sea")
-    ours = list(smollm2_artifact.generate_ids(ids, max_new_tokens=64, ignore_eos=True))
+    ours = list(smollm2_artifact.generate_ids(ids, max_new_tokens=64, ignore_eos=True, decoding=Decoding()))
     assert ours == torch_greedy(smollm2_torch.torch_model, ids, 64)
 
 
@@ -98,5 +99,5 @@ def test_prompt_lookup_keeps_greedy_tokens(smollm2_artifact):
     stats = SpeculativeStats()
     spec = list(smollm2_artifact.generate_ids(ids, 48, ignore_eos=True, decoding=Decoding("speculative", prompt_lookup=True),
                                               stats=stats))
-    assert spec == list(smollm2_artifact.generate_ids(ids, 48, ignore_eos=True))
+    assert spec == list(smollm2_artifact.generate_ids(ids, 48, ignore_eos=True, decoding=Decoding()))
     assert stats.accepted > 0 and stats.target_calls < 48
