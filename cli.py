@@ -96,6 +96,10 @@ def check_summary(check: dict) -> str:
             text += f", weight error {check['weight_rel_error']:.4f}"
         if check.get("bytes_after") and check.get("bytes_before") is not None:
             text += f", {check['bytes_before'] / 1e6:.0f} -> {check['bytes_after'] / 1e6:.0f} MB"
+        choice = check.get("accuracy_choice")
+        if isinstance(choice, dict) and isinstance(choice.get("decode_step_ms"), dict):
+            steps = " vs ".join(f"{v} ms at level {k}" for k, v in choice["decode_step_ms"].items())
+            text += f", accuracy_level {choice.get('chosen')} chosen here ({steps} per decode step)"
         return text
     return "lossy"
 
@@ -112,6 +116,12 @@ def optimize(
     block_size: Annotated[Optional[int], typer.Option(
         help="Block size of the recipe's quant_weight_only pass (a power of 2 >= 16; the int4/int8 recipes use 32). "
              "Larger blocks: fewer scale bytes and faster MatMulNBits, more weight error.")] = None,
+    accuracy_level: Annotated[Optional[int], typer.Option(
+        min=-1, max=4, help="A GGUF source's 4-bit blocks (quant_gguf_exact): 0 float activations (exact), 4 int8 "
+                            "activations (faster), -1 measure both on this machine and keep the faster within "
+                            "+0.5% PPL (the int4 recipe's default).")] = None,
+    exact: Annotated[bool, typer.Option(
+        "--exact", help="The same as --accuracy-level 0: the GGUF's weights and float activations, PPL = fp32.")] = False,
     calibration: Annotated[Optional[Path], typer.Option(
         help="UTF-8 text for calibration and lossy-pass PPL reports (default: a text shipped with onnxlm).")] = None,
     self_draft_layers: Annotated[Optional[int], typer.Option(
@@ -142,6 +152,10 @@ def optimize(
         overrides["quant_nested"] = {"budget_bits": budget_bits}
     if block_size is not None:
         overrides["quant_weight_only"] = {"block_size": block_size}
+    if exact and accuracy_level not in (None, 0):
+        raise OnnxlmError(f"--exact and --accuracy-level {accuracy_level} disagree")
+    if exact or accuracy_level is not None:
+        overrides["quant_gguf_exact"] = {"accuracy_level": 0 if exact else accuracy_level}
     with steps() as say:
         art = run_optimize(model, recipe=recipe, output=output, ep=ep, progress=say, overrides=overrides,
                            calibration=calibration, self_draft_layers=self_draft_layers, draft_recipe=draft_recipe,

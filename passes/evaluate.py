@@ -54,6 +54,34 @@ def probe_logits(session, info: ModelInfo) -> np.ndarray:
     return result["logits"]  # (1, PROBE_SEQ, vocab)
 
 
+def decode_step_seconds(sessions: list, info: ModelInfo, context: int = 32, steps: int = 16, rounds: int = 3
+                        ) -> list[float]:
+    """Median seconds of one decode step (one token after a `context`-token prompt) for each session, timed
+    round-robin in `rounds` rounds of `steps` steps, so that the machine's drift hits every session alike."""
+    import statistics
+    import time
+
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, info.vocab_size, (1, context), dtype=np.int64)
+    token = rng.integers(0, info.vocab_size, (1, 1), dtype=np.int64)
+    pasts = []
+    for session in sessions:  # the prompt's cache, once per session
+        outputs = [o.name for o in session.get_outputs()]
+        result = dict(zip(outputs, session.run(outputs, feeds_for(session, info, prompt, 0, None))))
+        pasts.append({n.replace("present.", "past_key_values."): v for n, v in result.items()
+                      if n.startswith("present.")})
+    times: list[list[float]] = [[] for _ in sessions]
+    for _ in range(rounds):
+        for i, session in enumerate(sessions):
+            feeds = feeds_for(session, info, token, context, pasts[i])
+            session.run(["logits"], feeds)  # warm
+            start = time.perf_counter()
+            for _ in range(steps):
+                session.run(["logits"], feeds)
+            times[i].append((time.perf_counter() - start) / steps)
+    return [statistics.median(t) for t in times]
+
+
 def session_perplexity(session, info: ModelInfo, ids: list[int], window: int = 512, extra: dict | None = None
                        ) -> float:
     """PPL over non-overlapping windows, each from an empty cache (the definition of runtime/perplexity.py).

@@ -66,9 +66,10 @@ def write_tiny_llama(directory: Path, model_type: str = "llama", layers: int = 2
     return directory
 
 
-def write_tiny_gguf(hf: Path, path: Path) -> Path:
-    """The tiny llama as a GGUF file the way llama.cpp's converter lays one out (F32 tensors, a gpt2 tokenizer with
-    the smollm pre-tokenizer, tied embeddings): a small GGUF source for the loaders and the fuzz suite."""
+def write_tiny_gguf(hf: Path, path: Path, quantized: bool = False) -> Path:
+    """The tiny llama as a GGUF file the way llama.cpp's converter lays one out (a gpt2 tokenizer with the smollm
+    pre-tokenizer, tied embeddings): F32 tensors, or with `quantized` SmolLM2's layout (Q4_1 linears, a Q8_0
+    embedding, F32 norms). A small GGUF source for the loaders, the GGUF-exact pass and the fuzz suite."""
     import gguf
     import numpy as np
     from safetensors.numpy import load_file
@@ -111,7 +112,13 @@ def write_tiny_gguf(hf: Path, path: Path) -> Path:
             name = "token_embd"
         else:
             continue  # lm_head: tied
-        w.add_tensor(f"{name}.weight", np.ascontiguousarray(value, np.float32))
+        value = np.ascontiguousarray(value, np.float32)
+        qtype = None if not quantized or value.ndim != 2 else (
+            gguf.GGMLQuantizationType.Q8_0 if name == "token_embd" else gguf.GGMLQuantizationType.Q4_1)
+        if qtype is None:
+            w.add_tensor(f"{name}.weight", value)
+        else:
+            w.add_tensor(f"{name}.weight", gguf.quants.quantize(value, qtype), raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -122,6 +129,11 @@ def write_tiny_gguf(hf: Path, path: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gguf(tiny_hf_dir, tmp_path_factory) -> Path:
     return write_tiny_gguf(tiny_hf_dir, tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_q4_gguf(tiny_hf_dir, tmp_path_factory) -> Path:
+    return write_tiny_gguf(tiny_hf_dir, tmp_path_factory.mktemp("gguf-q4") / "tiny-q4_1.gguf", quantized=True)
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import onnxlm
 from onnxlm.errors import OnnxlmError
 from onnxlm.frontend.gguf_blocks import decode_blocks
 from onnxlm.passes.base import PassContext
@@ -134,3 +135,39 @@ def test_gguf_exact_leaves_a_weight_it_cannot_match_in_float(tmp_path):
     ctx = PassContext(info=None, source={}, scratch=tmp_path, quantized_tensors=lambda: {})
     modified, _, notes = GgufExact().run(ir.Model(graph, ir_version=10), ctx)
     assert not modified and "no GGUF block tensors" in notes[0]
+
+
+def test_int4_on_a_gguf_measures_its_accuracy_level_and_records_the_choice(tiny_q4_gguf, tmp_path, capsys):
+    """The `int4` recipe on a Q4_1/Q8_0 GGUF: every linear imported exactly, the 4-bit blocks' accuracy level
+    chosen by measuring both on this machine (int8 activations only within +0.5% calibration PPL), recorded; --exact
+    forces float activations."""
+    art = onnxlm.optimize(str(tiny_q4_gguf), recipe="int4", output=tmp_path / "auto")
+    report = next(r for r in art.manifest["passes"] if r["name"] == "quant_gguf_exact")
+    assert report["matched"] == {"matmul_nbits_q4_1": 8, "matmul_nbits_q8_0": 1}  # qkv, o, gate_up, down x 2; head
+    assert report["check"]["q4_1_centred"] == 8
+    choice = report["check"]["accuracy_choice"]
+    ppl, ms = choice["calibration_ppl"], choice["decode_step_ms"]
+    assert set(ppl) == set(ms) == {"0", "4"} and all(v > 0 for v in [*ppl.values(), *ms.values()])
+    allowed = [int(k) for k in ppl if ppl[k] <= ppl["0"] * 1.005]
+    assert choice["chosen"] == min(allowed, key=lambda k: ms[str(k)])
+    import onnx
+
+    graph = onnx.load(str(art.directory / "model.onnx"), load_external_data=False).graph
+    levels = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+              if a.name == "accuracy_level" and any(b.name == "bits" and b.i == 4 for b in n.attribute)}
+    assert levels == {choice["chosen"]}
+
+    from cli_helpers import run_cli
+
+    code, _, err = run_cli(capsys, "optimize", tiny_q4_gguf, "-o", tmp_path / "exact", "--recipe", "int4", "--exact")
+    assert code == 0, err
+    exact = onnxlm.load(tmp_path / "exact")
+    for bad, words in ((["--recipe", "int4", "--exact", "--accuracy-level", "4"], "disagree"),
+                       (["--recipe", "fp32", "--accuracy-level", "4"], "no pass quant_gguf_exact")):
+        code, _, err = run_cli(capsys, "optimize", tiny_q4_gguf, "-o", tmp_path / "bad", *bad)
+        assert code == 2 and words in err and not (tmp_path / "bad").exists()
+    exact_report = next(r for r in exact.manifest["passes"] if r["name"] == "quant_gguf_exact")
+    assert "accuracy_choice" not in exact_report["check"]
+    fp32 = onnxlm.optimize(str(tiny_q4_gguf), recipe="fp32", output=tmp_path / "fp32")
+    text = "The quick brown fox jumps over the lazy dog. " * 20
+    assert exact.perplexity(text=text)["ppl"] == pytest.approx(fp32.perplexity(text=text)["ppl"], rel=1e-4)
