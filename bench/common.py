@@ -126,3 +126,56 @@ def genai_timing(model, short: list[int], long: list[int]) -> tuple[float, float
 
     ttft, decode, _ = genai_generation(model, short, NEW_TOKENS)
     return ttft, decode, genai_prefill(model, long)
+
+
+def llama_cpp_model(gguf: Path, threads: int, logits_all: bool = False):
+    """llama.cpp (llama-cpp-python) on a GGUF file, or None when llama_cpp is not installed. Build it natively
+    (about 20 minutes on 2 cores; CI does not):
+        CMAKE_ARGS="-DGGML_NATIVE=ON" pip install --no-binary llama-cpp-python llama-cpp-python==0.3.36
+    Defaults otherwise, as a user runs it (f16 KV cache)."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    return Llama(model_path=str(gguf), n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=threads,
+                 n_threads_batch=threads, logits_all=logits_all, verbose=False)
+
+
+def llama_cpp_timing(llm, short: list[int], long: list[int]) -> tuple[float, float, float]:
+    """(TTFT s, decode tok/s, prefill s) with the definitions of onnxlm/runtime/bench.py: greedy, 128 new
+    tokens after `short`, EOS ignored; one forward pass over `long` from an empty cache."""
+    from onnxlm.runtime.bench import NEW_TOKENS
+
+    llm.reset()
+    start = time.perf_counter()
+    times = []
+    for _ in llm.generate(short, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+        times.append(time.perf_counter())
+        if len(times) == NEW_TOKENS:
+            break
+    llm.reset()
+    begin = time.perf_counter()
+    llm.eval(long)
+    prefill = time.perf_counter() - begin
+    llm.reset()
+    return times[0] - start, (len(times) - 1) / (times[-1] - times[0]), prefill
+
+
+def llama_cpp_perplexity(llm, token_ids: list[int], window: int = 512) -> float:
+    """PPL of the same token ids and windows as onnxlm's eval (non-overlapping, each from an empty cache), scored
+    from llama.cpp's logits for every position (a model made with logits_all=True)."""
+    import math
+
+    import numpy as np
+
+    from onnxlm.metrics import window_nll, windows_of
+
+    total, scored = 0.0, 0
+    for ids in windows_of(token_ids, window):
+        llm.reset()
+        llm.eval(ids)
+        logits = np.asarray(llm.scores[: len(ids)], np.float32)  # (window, vocab)
+        total += window_nll(logits[:-1], np.asarray(ids[1:]))
+        scored += len(ids) - 1
+    llm.reset()
+    return math.exp(total / scored)
