@@ -54,6 +54,8 @@ def checked_proto(path: Path):
             continue
         entries = {e.key: e.value for e in tensor.external_data}
         location = entries.get("location", "")
+        if not isinstance(location, str):  # protobuf hands back bytes for a string that is not valid UTF-8
+            raise OnnxlmError(f"{path}: tensor '{tensor.name}' has a malformed external-data location")
         target, relative = path.parent / location, Path(location)
         if (not location or "\x00" in location or relative.is_absolute() or ".." in relative.parts or target.is_symlink()
                 or not target.resolve().is_relative_to(base)):
