@@ -139,7 +139,7 @@ def optimize(
         help="Also output each layer's attention probabilities and take positions apart from cache slots (the "
              "expose_attention pass), for --kv-policy h2o / veda.")] = False,
     overwrite: Annotated[bool, typer.Option(
-        help="Replace an artifact already at OUTPUT (without it, an existing artifact is refused).")] = False,
+        "--overwrite", help="Replace an artifact already at OUTPUT (without it, an existing artifact is refused).")] = False,
     sparsity: Annotated[Optional[float], typer.Option(
         min=0.0, max=0.83, help="La RoSA: rotate the residual stream (lossless) and keep the top (1 - S) of each "
                                "linear's input per token in decode (0.8 S on rotated inputs, 1.2 S on o/down).")] = None,
