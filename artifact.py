@@ -18,9 +18,6 @@ import contextlib
 import datetime
 import importlib.metadata
 import json
-import os
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 from onnxlm.errors import OnnxlmError
