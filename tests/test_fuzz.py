@@ -299,6 +299,8 @@ OPTIONS = {
                  "--halt-threshold", "--exit-threshold", "--threads", "--decoding", "--kv-policy", "--stop"],
     "eval": ["--max-tokens", "--window", "--kv-budget", "--sinks", "--kv-policy", "--threads"],
     "bench": ["--context", "--kv-budget", "--sinks", "--kv-policy", "--threads"],
+    "optimize": ["--recipe", "--ep", "--budget-bits", "--block-size", "--accuracy-level", "--self-draft-layers",
+                 "--draft-recipe", "--remove-layers", "--max-ppl-increase", "--sparsity", "--calibration"],
 }
 option_values = (st.sampled_from([str(v) for v in INTERESTING] + ["-1", "-2**63", "0.5", "1e9", "nan", "inf",
                                                                   "-inf", "", "x", "greedy", "beam", "sample",
@@ -306,16 +308,21 @@ option_values = (st.sampled_from([str(v) for v in INTERESTING] + ["-1", "-2**63"
                  | st.integers(-10**6, 10**6).map(str) | st.floats(allow_nan=True).map(str) | st.text(max_size=6))
 
 
-@fuzz_settings(100)
+@fuzz_settings(120)
 @given(data=st.data())
-def test_fuzz_cli_options(capsys, tmp_path_factory, tiny_artifact, rss_bound, data):
+def test_fuzz_cli_options(capsys, tmp_path_factory, tiny_artifact, tiny_hf_dir, stop_at_load, rss_bound, data):
+    """generate, eval and bench run on the tiny artifact; optimize is checked up to the model load."""
     workdir = tmp_path_factory.mktemp("cli")
     text = workdir / "t.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 30)
     command = data.draw(st.sampled_from(sorted(OPTIONS)))
-    args = {"generate": ["--prompt", "fox", "--max-new-tokens", "8"], "eval": ["--text", text],
-            "bench": ["--runs", "1"]}[command]
+    if command == "optimize":
+        args = ["-o", workdir / "out"]
+        check_args = [command, tiny_hf_dir]
+    else:
+        check_args = [command, tiny_artifact.directory]
+        args = {"generate": ["--prompt", "fox", "--max-new-tokens", "8"], "eval": ["--text", text],
+                "bench": ["--runs", "1"]}[command]
     for option in data.draw(st.lists(st.sampled_from(OPTIONS[command]), min_size=1, max_size=3, unique=True)):
         args += [option, data.draw(option_values)]
-    check_case(capsys, "cli", [command, tiny_artifact.directory, *args], workdir, workdir / "none",
-               protected=tiny_artifact.directory)
+    check_case(capsys, "cli", [*check_args, *args], workdir, workdir / "out", protected=tiny_artifact.directory)
