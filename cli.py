@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from onnxlm.errors import OnnxlmError
+from onnxlm.errors import OnnxlmError, first_line
 
 app = typer.Typer(
     name="onnxlm",
@@ -413,7 +413,7 @@ def _failure(exc: BaseException, debug: bool) -> int:
     if debug:  # a bug in onnxlm: still one line; ONNXLM_DEBUG=1 shows the traceback
         raise exc
     _fail(f"error: internal error (a bug in onnxlm, please report it; ONNXLM_DEBUG=1 shows the traceback): "
-          f"{type(exc).__name__}: {exc}".splitlines()[0], 70)
+          f"{type(exc).__name__}: {first_line(exc)}", 70)
     return 70
 
 

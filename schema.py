@@ -21,7 +21,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from onnxlm.errors import OnnxlmError
+from onnxlm.errors import OnnxlmError, first_line
 
 # A JSON file onnxlm reads is small (the largest, a tokenizer.json, is a few MB); anything far larger is refused
 # before it is read, as is nesting deeper than any real file has (json's recursion would otherwise raise).
@@ -199,5 +199,4 @@ def read_tokenizer(path: Path, what: str = "tokenizer"):
     try:
         return Tokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises a bare Exception for every parse error
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise OnnxlmError(f"{what} {path} is not a valid tokenizer.json: {first}") from None
+        raise OnnxlmError(f"{what} {path} is not a valid tokenizer.json: {first_line(exc)}") from None

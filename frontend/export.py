@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import warnings
 
-from onnxlm.errors import OnnxlmError
+from onnxlm.errors import OnnxlmError, first_line
 from onnxlm.model_info import ModelInfo
 
 OPSET = 20
@@ -95,7 +95,7 @@ def export_decoder(model, info: ModelInfo):
                 verbose=False,
             )
         except Exception as exc:
-            raise OnnxlmError(f"torch.onnx export failed for this {info.architecture} model: {exc}") from None
+            raise OnnxlmError(f"torch.onnx export failed for this {info.architecture} model: {first_line(exc)}") from None
     model = program.model
     # The exporter records stack traces with per-process counters in node metadata; drop them so that the same
     # model and recipe give a byte-identical artifact.

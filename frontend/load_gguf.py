@@ -9,7 +9,7 @@ import contextlib
 import io
 from pathlib import Path
 
-from onnxlm.errors import OnnxlmError
+from onnxlm.errors import OnnxlmError, first_line
 from onnxlm.frontend.generation_defaults import from_gguf_metadata
 from onnxlm.frontend.source import Source, sha256_of
 from onnxlm.model_info import ModelInfo, check_architecture
@@ -43,7 +43,7 @@ def open_gguf(path: Path):
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as exc:  # the reader raises ValueError, struct errors, mmap errors... on a bad file
-        raise OnnxlmError(f"cannot read GGUF file {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+        raise OnnxlmError(f"cannot read GGUF file {path}: {first_line(exc)}") from None
     size = path.stat().st_size
     for t in reader.tensors:
         if t.data_offset + int(t.n_bytes) > size or int(t.data.nbytes) != int(t.n_bytes) or len(t.shape) > 4:
@@ -124,7 +124,7 @@ def load_gguf(path: Path) -> Source:
             )
         hf_tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as exc:
-        raise OnnxlmError(f"cannot load GGUF model {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+        raise OnnxlmError(f"cannot load GGUF model {path}: {first_line(exc)}") from None
     model.eval()
 
     tokenizer = gguf_tokenizer(hf_tokenizer.backend_tokenizer, meta)

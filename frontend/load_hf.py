@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from onnxlm.errors import OnnxlmError
+from onnxlm.errors import OnnxlmError, first_line
 from onnxlm.frontend.generation_defaults import from_hf_generation_config
 from onnxlm.frontend.source import Source, sha256_of
 from onnxlm.model_info import ModelInfo, check_architecture
@@ -57,7 +57,7 @@ def load_hf(directory: Path) -> Source:
         model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
                                                                   use_safetensors=True)
     except Exception as exc:  # transformers raises many types for a broken checkpoint
-        raise OnnxlmError(f"cannot load the checkpoint in {directory}: {str(exc).splitlines()[0]}") from None
+        raise OnnxlmError(f"cannot load the checkpoint in {directory}: {first_line(exc)}") from None
     model.eval()
     info = ModelInfo.from_hf_config(model.config, eos)
     info.add_bos_token = bool(tc.get("add_bos_token", False))

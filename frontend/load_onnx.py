@@ -13,7 +13,7 @@ import logging
 import re
 from pathlib import Path
 
-from onnxlm.errors import OnnxlmError
+from onnxlm.errors import OnnxlmError, first_line
 from onnxlm.frontend.source import Source, sha256_of
 from onnxlm.model_info import ModelInfo
 from onnxlm.schema import read_json, read_tokenizer
@@ -46,7 +46,7 @@ def checked_proto(path: Path):
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError, and whatever a truncated file gives
-        raise OnnxlmError(f"cannot read ONNX file {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+        raise OnnxlmError(f"cannot read ONNX file {path}: {first_line(exc)}") from None
     base = path.parent.resolve()
     needed: dict[Path, int] = {}
     for tensor in _tensors(proto.graph):
@@ -76,9 +76,9 @@ def checked_proto(path: Path):
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:
         if "No Op registered" not in str(exc):  # an op ORT may still know (contrib ops): its session decides
-            raise OnnxlmError(f"{path} is not a valid ONNX model: {str(exc).strip().splitlines()[0]}") from None
+            raise OnnxlmError(f"{path} is not a valid ONNX model: {first_line(exc)}") from None
     except Exception as exc:  # the checker's C++ side raises other types on malformed fields
-        raise OnnxlmError(f"{path} is not a valid ONNX model: {str(exc).strip().splitlines()[0]}") from None
+        raise OnnxlmError(f"{path} is not a valid ONNX model: {first_line(exc)}") from None
     return proto, sorted(needed)
 
 
@@ -89,7 +89,7 @@ def warnings_as_errors(logger_name: str):
 
     class Collect(logging.Handler):
         def emit(self, record):
-            records.append(record.getMessage().splitlines()[0])
+            records.append((record.getMessage().strip().splitlines() or [record.levelname])[0])
 
     logger = logging.getLogger(logger_name)
     handler, propagate = Collect(logging.WARNING), logger.propagate
@@ -127,14 +127,14 @@ def load_onnx(path: Path) -> Source:
     try:
         config = transformers.AutoConfig.for_model(**config_json)
     except Exception as exc:  # ValueError for an unknown model_type, TypeError/KeyError for odd fields
-        raise OnnxlmError(f"cannot read {config_path}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+        raise OnnxlmError(f"cannot read {config_path}: {first_line(exc)}") from None
     info = ModelInfo.from_hf_config(config)
 
     with warnings_as_errors("onnx_ir") as warned:
         try:
             model = ir.load(path)
         except Exception as exc:
-            raise OnnxlmError(f"cannot read ONNX file {path}: {exc}") from None
+            raise OnnxlmError(f"cannot read ONNX file {path}: {first_line(exc)}") from None
     if warned:  # onnx-ir repairs what it cannot resolve (an input no node makes) and warns: refuse instead
         raise OnnxlmError(f"{path} is not a valid ONNX model: {warned[0]}")
     if info.num_layers != len(layers):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxlm.errors import OnnxlmError
+from onnxlm.errors import OnnxlmError, first_line
 from onnxlm.model_info import ModelInfo
 from onnxlm.passes.base import PassContext, PassReport
 from onnxlm.passes.evaluate import open_session, probe_logits, session_perplexity
@@ -52,7 +52,7 @@ def check_graph(model, info: ModelInfo, scratch: Path, text_ids: list[int] | Non
     except OnnxlmError:
         raise
     except Exception as exc:
-        raise OnnxlmError(f"the graph fails its check: {str(exc).splitlines()[0]}") from None
+        raise OnnxlmError(f"the graph fails its check: {first_line(exc)}") from None
 
 
 def run_pipeline(

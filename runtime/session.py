@@ -14,7 +14,7 @@ import numpy as np
 
 from onnxlm.artifact import MODEL_FILE, read_manifest
 from onnxlm.backends import get_backend
-from onnxlm.errors import OnnxlmError
+from onnxlm.errors import OnnxlmError, first_line
 from onnxlm.model_info import ModelInfo, shares_kv_buffer
 from onnxlm.runtime.kv_cache import KVCache
 
@@ -64,7 +64,7 @@ class DecoderSession:
                 providers=backend.PROVIDERS,
             )
         except Exception as exc:
-            raise OnnxlmError(f"ONNX Runtime cannot load {self.directory / MODEL_FILE}: {exc}") from None
+            raise OnnxlmError(f"ONNX Runtime cannot load {self.directory / MODEL_FILE}: {first_line(exc)}") from None
         self.input_names = {i.name for i in self.session.get_inputs()}
         graph_layers = sum(1 for name in self.input_names if name.startswith("past_key_values."))
         if graph_layers != 2 * self.info.num_layers:
