@@ -103,7 +103,8 @@ class GgufExact(Pass):
     def validate(self) -> None:
         o = self.options
         if o.accuracy_level not in (MEASURE, 0, 1, 2, 3, 4):
-            raise OnnxlmError(f"quant_gguf_exact: accuracy_level must be 0..4, or -1 to measure, got {o.accuracy_level}")
+            raise OnnxlmError(f"quant_gguf_exact: accuracy_level must be 0..4, or -1 to measure, got "
+                              f"{o.accuracy_level}")
         if o.head_accuracy_level not in (0, 1, 2, 3, 4):
             raise OnnxlmError(f"quant_gguf_exact: head_accuracy_level must be 0..4, got {o.head_accuracy_level}")
         if not o.max_ppl_increase >= 0:
@@ -122,7 +123,7 @@ class GgufExact(Pass):
             untie_lm_head(graph)
         index, dense = row_index(tensors)
         counts: dict[str, int] = {}
-        skipped, centred = [], 0
+        skipped, centred, four_bit = [], 0, []
         for node in linears(graph):
             if is_lm_head(node) and not o.lm_head:
                 continue
@@ -133,27 +134,30 @@ class GgufExact(Pass):
                 skipped.append(node.name)
                 continue
             first, codes, scales, offsets = found
-            q, shifted = self.convert(graph, node, first, codes, scales, offsets)
+            q, shifted, is_centred = self.convert(graph, node, first, codes, scales, offsets)
             emitted = dequantized_matmul_nbits(q).astype(np.float64)  # exact: small integers times fp16 scales
             if shifted is not None:
                 emitted = emitted + np.repeat(shifted.T.astype(np.float64), BLOCK, axis=0)
             if not np.array_equal(emitted.astype(np.float32).view(np.uint32), w.view(np.uint32)):
                 raise OnnxlmError(f"quant_gguf_exact: {node.name}'s emitted blocks do not reproduce its weight")
             counts[first.qtype] = counts.get(first.qtype, 0) + 1
-            centred += shifted is not None and len(q.inputs) == 3  # no explicit zero point: the default 8
+            centred += is_centred
+            if first.bits == 4:
+                four_bit.append(q)
         drop_unused(model)
-        if self.options.accuracy_level == MEASURE and counts:
-            ctx.metrics["accuracy_choice"] = choose_accuracy_level(model, ctx, self.options.max_ppl_increase)
+        if self.options.accuracy_level == MEASURE and four_bit:
+            ctx.metrics["accuracy_choice"] = choose_accuracy_level(model, four_bit, ctx, self.options.max_ppl_increase)
         ctx.metrics.update({"weight_rel_error": 0.0, "weights_bit_identical": True, "bytes_before": size_before,
                             "bytes_after": initializer_bytes(graph), "gguf_types": sorted(counts),
-                            "q4_1_centred": int(centred)})
+                            "q4_1_centred": centred})
         notes = [f"{len(skipped)} linears have no exact GGUF blocks and stay float: {', '.join(skipped[:4])}"
                  ] if skipped else []
         return bool(counts), {f"matmul_nbits_{k.lower()}": v for k, v in counts.items()}, notes
 
     def convert(self, graph, node, first, codes, scales, offsets):
-        """Replace `node` by the MatMulNBits form of its blocks. Return the MatMulNBits node and the per-block
-        offsets [N, K/32] its correction adds (None for the formats without offsets)."""
+        """Replace `node` by the MatMulNBits form of its blocks. Return the MatMulNBits node, the per-block
+        offsets [N, K/32] its correction adds (None for the formats without offsets), and whether Q4_1's codes
+        were centred on the default zero point."""
         import onnx_ir as ir
 
         x, name = node.inputs[0], node.name
@@ -163,7 +167,7 @@ class GgufExact(Pass):
         if offsets is None:
             q = matmul_nbits(graph, x, codes, scales, first.bits, BLOCK, f"{name}.q{first.bits}", level)
             replace_linear(graph, node, [q], q.outputs[0])
-            return q, None
+            return q, None, False
         # Q4_1: centre the codes on the default zero point 8 where m + 8d is exact in float32 (see the docstring)
         shifted = (offsets + 8 * scales).astype(np.float32)
         exact = np.array_equal(shifted.astype(np.float64), offsets.astype(np.float64) + 8 * scales.astype(np.float64))
@@ -180,7 +184,7 @@ class GgufExact(Pass):
         correction = ir.node("MatMul", [sums.outputs[0], m], name=f"{name}{OFFSET_SUFFIX}")
         total = ir.node("Add", [q.outputs[0], correction.outputs[0]], name=f"{name}.add_offsets")
         replace_linear(graph, node, [q, blocks, sums, correction, total], total.outputs[0])
-        return q, shifted
+        return q, shifted, bool(exact)
 
 
 def cpu_features() -> list[str]:
@@ -192,21 +196,21 @@ def cpu_features() -> list[str]:
     return [f for f in ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
 
 
-def choose_accuracy_level(model, ctx: PassContext, max_ppl_increase: float) -> dict:
-    """Time a decode step and score the calibration text with the 4-bit MatMulNBits at accuracy_level 0 (float
-    activations: exact) and 4 (int8 activations), on this machine; keep the faster of those within
-    max_ppl_increase percent of the exact PPL (int8 only when at least MIN_GAIN faster). Returns what was measured and chosen, for the manifest."""
+def choose_accuracy_level(model, nodes: list, ctx: PassContext, max_ppl_increase: float) -> dict:
+    """Time a decode step and score the calibration text with the 4-bit MatMulNBits `nodes` at accuracy_level 0
+    (float activations: exact) and 4 (int8 activations), on this machine; keep the faster of those within
+    max_ppl_increase percent of the exact PPL (int8 only when at least MIN_GAIN faster). Returns what was
+    measured and chosen, for the manifest."""
     import onnx_ir as ir
 
     from onnxlm.passes.evaluate import decode_step_seconds, open_session, session_perplexity
 
-    nodes = [n for n in model.graph if n.op_type == "MatMulNBits" and n.attributes["bits"].as_int() == 4]
     sessions, ppl = {}, {}
+    ctx.scratch.mkdir(parents=True, exist_ok=True)
     for level in (0, 4):
         for node in nodes:
             node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", level)
         path = ctx.scratch / f"accuracy_level_{level}.onnx"
-        ctx.scratch.mkdir(parents=True, exist_ok=True)
         ir.save(model, path, external_data=path.name + ".data")
         sessions[level] = open_session(path)
         ppl[level] = session_perplexity(sessions[level], ctx.info, ctx.calibration_ids)
@@ -217,6 +221,7 @@ def choose_accuracy_level(model, ctx: PassContext, max_ppl_increase: float) -> d
     chosen = 4 if accurate_enough and seconds[4] < seconds[0] * (1 - MIN_GAIN) else 0
     for node in nodes:
         node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", chosen)
-    return {"chosen": chosen, "cpu_features": cpu_features(), "max_ppl_increase": max_ppl_increase, "min_gain": MIN_GAIN,
+    return {"chosen": chosen, "cpu_features": cpu_features(), "max_ppl_increase": max_ppl_increase,
+            "min_gain": MIN_GAIN,
             "decode_step_ms": {str(k): round(v * 1000, 3) for k, v in seconds.items()},
             "calibration_ppl": {str(k): round(v, 4) for k, v in ppl.items()}}
