@@ -96,10 +96,9 @@ def check_summary(check: dict) -> str:
             text += f", weight error {check['weight_rel_error']:.4f}"
         if check.get("bytes_after") and check.get("bytes_before") is not None:
             text += f", {check['bytes_before'] / 1e6:.0f} -> {check['bytes_after'] / 1e6:.0f} MB"
-        choice = check.get("accuracy_choice")
-        if isinstance(choice, dict) and isinstance(choice.get("decode_step_ms"), dict):
+        if choice := check.get("accuracy_choice"):
             steps = " vs ".join(f"{v} ms at level {k}" for k, v in choice["decode_step_ms"].items())
-            text += f", accuracy_level {choice.get('chosen')} chosen here ({steps} per decode step)"
+            text += f", accuracy_level {choice['chosen']} chosen here ({steps} per decode step)"
         return text
     return "lossy"
 
@@ -226,12 +225,10 @@ def generate(
         from onnxlm.artifact import read_manifest
         from onnxlm.runtime.decoding import default_decoding
 
-        base = default_decoding(read_manifest(directory).get("generation"), given)
-        if mode == "sample" and base.mode == "greedy":
-            base = Decoding("sample", SamplingConfig())
+        base = default_decoding(read_manifest(directory).get("generation"), given, sample=mode == "sample")
         mode, sampling = base.mode, base.sampling
     else:
-        sampling = SamplingConfig(**given) if given or mode == "sample" else None
+        sampling = SamplingConfig(**given) if given else None  # speculative verification may sample
     spec = Decoding(mode, sampling, num_beams, length_penalty, early_stopping, prompt_lookup, max_draft, chunk_size,
                     kv, halt_threshold, exit_threshold)
     # sessions taking turns (a draft, the early-exit segments): no spinning workers (backends/cpu.py)

@@ -16,7 +16,6 @@ import time
 import numpy as np
 
 from onnxlm.errors import OnnxlmError
-
 from onnxlm.runtime.bounded_cache import bounded_prefill, policy_step
 from onnxlm.runtime.bounded_cache import start as start_bounded
 from onnxlm.runtime.early_exit import ExitState, exit_step

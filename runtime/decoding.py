@@ -66,17 +66,18 @@ class Decoding:
 SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingConfig))
 
 
-def default_decoding(generation: dict | None, overrides: dict | None = None) -> Decoding:
+def default_decoding(generation: dict | None, overrides: dict | None = None, sample: bool = False) -> Decoding:
     """The decoding an artifact records as its default (manifest "generation", frontend/generation_defaults.py),
-    with sampling `overrides` on top (which imply sampling); greedy for an artifact that records none."""
+    with sampling `overrides` on top; greedy for an artifact that records none. Overrides, or `sample`, ask for
+    sampling: from the recorded settings when the artifact samples, else from SamplingConfig's defaults."""
     generation, overrides = generation or {"mode": "greedy"}, overrides or {}
-    mode = "sample" if overrides else generation.get("mode", "greedy")
-    if mode not in ("greedy", "sample"):
-        raise OnnxlmError(f"the artifact's default decoding '{mode}' is not greedy or sample")
-    if mode == "greedy":
+    recorded = generation.get("mode", "greedy")
+    if recorded not in ("greedy", "sample"):
+        raise OnnxlmError(f"the artifact's default decoding '{recorded}' is not greedy or sample")
+    if recorded == "greedy" and not (overrides or sample):
         return Decoding()
-    recorded = {k: v for k, v in generation.items() if k in SAMPLING_FIELDS} if generation.get("mode") == "sample" else {}
-    return Decoding("sample", SamplingConfig(**{**recorded, **overrides}))
+    settings = {k: v for k, v in generation.items() if k in SAMPLING_FIELDS} if recorded == "sample" else {}
+    return Decoding("sample", SamplingConfig(**{**settings, **overrides}))
 
 
 def decode(

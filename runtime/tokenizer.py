@@ -17,7 +17,6 @@ class TextTokenizer:
         self.config = read_json(config_path, "tokenizer config", TOKENIZER_CONFIG) if config_path.exists() else {}
         self.info = info
 
-
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids with no post-processor specials; BOS is prepended only when the model wants it. Text that
         is not valid Unicode (lone surrogates: undecodable bytes on the command line) is one clear error."""
