@@ -20,6 +20,7 @@ import pytest
 import onnxlm
 from cli_helpers import run_cli
 from test_errors import assert_one_line_error
+from test_load_onnx import copy_export
 
 TESTS = Path(__file__).resolve().parent
 
@@ -100,10 +101,8 @@ def test_a_malformed_tokenizer_in_an_hf_source_fails_before_the_weights_load(cap
 
 
 def onnx_source(tiny_artifacts, tiny_hf_dir, destination: Path) -> Path:
-    plain = tiny_artifacts("fp32-plain")
-    destination.mkdir()
-    for name in ("model.onnx", "model.onnx.data", "tokenizer.json"):
-        shutil.copy(plain.directory / name, destination / name)
+    """test_load_onnx's Optimum-style export directory, with the config beside it."""
+    copy_export(tiny_artifacts("fp32-plain"), destination)
     shutil.copy(tiny_hf_dir / "config.json", destination / "config.json")
     return destination / "model.onnx"
 
