@@ -32,7 +32,8 @@ def optimize(
     sparsity: float | None = None,
     overwrite: bool = False,
 ) -> Artifact:
-    """Load `model`, export it, run the recipe's passes, lower for `ep`, and write the artifact to `output`.
+    """Load `model`, export it, run the recipe's passes and `ep`'s lowering passes (backends/), and write the
+    artifact to `output`, with `ep` as its target.
 
     `overrides` sets options of the recipe's passes by pass name, e.g. {"quant_nested": {"budget_bits": 4.5}};
     `calibration` is a UTF-8 text file for calibrating passes and lossy-pass PPL reports (default: a short
@@ -66,6 +67,7 @@ def optimize(
         base = load_recipe(draft_recipe) if draft_recipe else apply_overrides(load_recipe(recipe), overrides or {})
         builds.append((with_layer_removal(base, self_draft_layers, None), Path(DRAFT_DIR)))
     backend = get_backend(ep)
+    builds = [(with_lowering(r, backend), where) for r, where in builds]
     calibration_text = read_text(Path(calibration) if calibration else CALIBRATION_TEXT)
     if not calibration_text.strip():
         raise OnnxlmError(f"the calibration text {calibration} is empty: lossy passes need it for their PPL report")
@@ -89,6 +91,7 @@ def compile_source(source, recipe, backend, output: Path, scratch: Path, calibra
                    say: Progress) -> None:
     """Export a loaded source, run the recipe, lower it, write the artifact into `output` (a staging directory)."""
     from onnxlm.artifact import write_artifact
+    from onnxlm.backends import probe_backend
     from onnxlm.frontend.export import export_decoder
     from onnxlm.passes.base import PassContext
     from onnxlm.passes.manager import run_pipeline
@@ -102,14 +105,17 @@ def compile_source(source, recipe, backend, output: Path, scratch: Path, calibra
     calibration_ids = source.tokenizer.encode(calibration_text).ids
     if len(calibration_ids) < 2:
         raise OnnxlmError("the calibration text has fewer than 2 tokens: lossy passes need it for their PPL report")
+    probe = probe_backend(backend)
+    if probe is not backend:
+        say(f"{backend.providers[0]} is not available here: the pass manager's checks run on {probe.providers[0]}")
     ctx = PassContext(info=source.info, source=source.describe(), scratch=scratch,
-                      calibration_ids=calibration_ids, quantized_tensors=source.quantized_tensors)
+                      calibration_ids=calibration_ids, quantized_tensors=source.quantized_tensors, probe=probe)
     reports = run_pipeline(graph, recipe, ctx, on_pass=lambda name: say(f"pass {name}"))
     source.info = ctx.info  # a pass may change the model's facts (remove_layers: num_layers)
-    backend.lower(graph)
     say(f"writing {output}")
     output.mkdir(parents=True, exist_ok=True)
-    write_artifact(output, graph, source, recipe, reports, exit_segments(graph, source.info), source.generation)
+    write_artifact(output, graph, source, recipe, reports, ctx.interface, backend.target(probe),
+                   exit_segments(graph, source.info), source.generation)
 
 
 def exit_segments(graph, info) -> dict:
@@ -141,6 +147,16 @@ def with_layer_removal(recipe, n: int | None, max_ppl_increase: float | None):
     return Recipe(recipe.name, recipe.description, passes)
 
 
+def with_lowering(recipe, backend):
+    """`recipe` with the backend's lowering passes at its end: checked by the manager like any other pass."""
+    from onnxlm.passes.recipe import Recipe
+    from onnxlm.passes.registry import make_pass
+
+    if not backend.lowering:
+        return recipe
+    return Recipe(recipe.name, recipe.description, [*recipe.passes, *(make_pass(s) for s in backend.lowering)])
+
+
 def with_pass(recipe, spec: dict):
     """`recipe` with one more pass at its end."""
     from onnxlm.passes.recipe import Recipe
@@ -165,16 +181,18 @@ def apply_overrides(recipe, overrides: dict[str, dict]):
     return Recipe(recipe.name, recipe.description, passes)
 
 
-def load(directory: str | Path, threads: int | None = None, ep: str = "cpu", spinning: bool = True) -> Artifact:
-    """An artifact ready to decode. spinning=False for sessions that take turns on the same cores (a speculative
-    target and its draft model): ORT's idle workers would otherwise spin against the working session."""
+def load(directory: str | Path, threads: int | None = None, ep: str | None = None, spinning: bool = True
+         ) -> Artifact:
+    """An artifact ready to decode, on execution provider `ep` (default: the one it was built for, its manifest's
+    target). spinning=False for sessions that take turns on the same cores (a speculative target and its draft
+    model): ORT's idle workers would otherwise spin against the working session."""
     return Artifact(Path(directory), threads=threads, ep=ep, spinning=spinning)
 
 
 class Artifact:
     """A written artifact, loaded for decoding: generate, perplexity, bench."""
 
-    def __init__(self, directory: Path, threads: int | None = None, ep: str = "cpu", spinning: bool = True):
+    def __init__(self, directory: Path, threads: int | None = None, ep: str | None = None, spinning: bool = True):
         from onnxlm.runtime.session import DecoderSession
         from onnxlm.runtime.tokenizer import TextTokenizer
 
@@ -233,7 +251,7 @@ class Artifact:
         if not path.is_dir():
             raise OnnxlmError(f"{self.directory} has no {DRAFT_DIR}/ to self-draft with: build it with "
                               f"`onnxlm optimize ... --self-draft-layers N`")
-        return load(path, threads=self.session.threads, spinning=spinning)
+        return load(path, threads=self.session.threads, ep=self.session.backend.name, spinning=spinning)
 
     def generate(self, prompt: str, max_new_tokens: int = 128, stream: bool = False, chat: bool = True,
                  decoding=None, draft: Artifact | None = None, stop: Sequence[str] = (), stats=None):
@@ -258,8 +276,7 @@ class Artifact:
         Under an evicting `kv_policy` (a runtime.kv_policy.KVPolicyConfig) each window is scored token by token
         from what the policy keeps. `halt_threshold`: QuickSilver token halting (a quicksilver artifact).
         `exit_threshold`: early exit (an early-exit artifact), scored one token per decode step."""
-        from onnxlm.runtime.bounded_cache import bounded_perplexity
-        from onnxlm.runtime.early_exit import exit_perplexity
+        from onnxlm.runtime.decoding import executor_for
         from onnxlm.runtime.perplexity import perplexity
 
         if (path is None) == (text is None):
@@ -272,15 +289,9 @@ class Artifact:
         if window > self.info.context_length and full:
             raise OnnxlmError(f"--window {window} exceeds the model's context length {self.info.context_length}")
         ids = self.tokenizer.encode(text, add_bos=False)[:max_tokens]
-        if exit_threshold is not None:
-            if halt_threshold is not None or (kv_policy is not None and kv_policy.name != "full"):
-                raise OnnxlmError("early exit does not combine with token halting or an evicting KV policy")
-            return exit_perplexity(self.session, self.exit_segments(), ids, exit_threshold, window)
-        if kv_policy is not None and kv_policy.name != "full":
-            if halt_threshold is not None:
-                raise OnnxlmError("token halting and an evicting KV policy do not combine")
-            return bounded_perplexity(self.session, ids, kv_policy, window, on_window)
-        return perplexity(self.session, ids, window, on_window, halt_threshold)
+        exits = self.exit_segments() if exit_threshold is not None else None
+        executor = executor_for(self.session, kv_policy, halt_threshold, exit_threshold, exits)
+        return perplexity(executor, ids, window, on_window)
 
     def bench(self, runs: int = 5, on_run=None, context: int = 32, kv_policy=None,
               halt_threshold: float | None = None, exit_threshold: float | None = None) -> dict:

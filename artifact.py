@@ -3,9 +3,10 @@
     model.onnx, model.onnx.data   the graph; weights as external data
     tokenizer.json                the `tokenizers` tokenizer, as the source declares it
     tokenizer_config.json         chat template and special tokens
-    genai_config.json             what onnxruntime-genai needs to run the artifact without onnxlm
+    genai_config.json             what onnxruntime-genai needs to run the artifact without onnxlm (when it can)
     recipe.json                   the recipe that built it
-    manifest.json                 onnxlm version, source hash, model facts, pass reports, package versions
+    manifest.json                 onnxlm version, source hash, model facts, pass reports, the interface the
+                                  passes added, the target EP, package versions
 
 It is written atomically (staging.py): everything, a draft/ included, goes to a hidden sibling directory that is
 renamed into place only when complete, so a failed run leaves nothing behind and never damages a good artifact. This module imports neither
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from onnxlm.errors import OnnxlmError
 
-FORMAT = "onnxlm-artifact/1"
+FORMAT = "onnxlm-artifact/2"  # 2: the interface, target and genai fields
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 DRAFT_DIR = "draft"  # an optional smaller variant of the same model, for self-speculation
@@ -60,15 +61,17 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def write_artifact(staging: Path, model, source, recipe, reports, extra_graphs: dict | None = None,
-                   generation: dict | None = None) -> Path:
+def write_artifact(staging: Path, model, source, recipe, reports, interface, target: dict,
+                   extra_graphs: dict | None = None, generation: dict | None = None) -> Path:
     """Write graph, tokenizer, recipe and manifest into `staging`, an empty directory that staging.staged_output
-    later moves into place. `extra_graphs` maps relative paths (e.g. "exits/lower.onnx") to more graphs of the
-    artifact, each with its own external data; `generation` is the artifact's default decoding settings."""
+    later moves into place. `interface` (interface.Interface) is what the passes added to the decoder's inputs
+    and outputs, `target` the backend's record (Backend.target). `extra_graphs` maps relative paths (e.g.
+    "exits/lower.onnx") to more graphs of the artifact, each with its own external data; `generation` is the
+    artifact's default decoding settings."""
     import onnx_ir as ir
 
     from onnxlm import __version__
-    from onnxlm.genai_config import genai_config
+    from onnxlm.genai_config import genai_config, genai_support
     from onnxlm.passes.cleanup import op_histogram
 
     model.producer_name, model.producer_version = "onnxlm", __version__
@@ -81,7 +84,9 @@ def write_artifact(staging: Path, model, source, recipe, reports, extra_graphs: 
     _write_json(staging / "tokenizer_config.json", tokenizer_config(source))
     _write_json(staging / "recipe.json", recipe.to_dict())
     ops = op_histogram(model)
-    _write_json(staging / "genai_config.json", genai_config(source.info, ops, MODEL_FILE, generation))
+    genai = genai_support(interface)
+    if genai["deployable"]:
+        _write_json(staging / "genai_config.json", genai_config(source.info, ops, MODEL_FILE, generation))
     files = {str(p.relative_to(staging)): p.stat().st_size for p in sorted(staging.rglob("*"))
              if p.is_file() and not p.relative_to(staging).parts[0].startswith(".")}  # not the staging's scratch
     manifest = {
@@ -93,6 +98,9 @@ def write_artifact(staging: Path, model, source, recipe, reports, extra_graphs: 
         "recipe": recipe.to_dict(),
         "passes": [r.to_dict() for r in reports],
         "op_histogram": ops,
+        "interface": interface.to_dict(),
+        "target": target,
+        "genai": genai,
         "files": files,
         "packages": package_versions(),
         **({"generation": generation} if generation else {}),

@@ -31,6 +31,7 @@ err = Console(stderr=True)
 out = Console(soft_wrap=True)  # long lines (pipelines, paths) stay whole for grep
 
 Threads = Annotated[Optional[int], typer.Option(min=1, help="Intra-op threads (default: ORT's choice, one per physical core, pinned).")]
+Ep = Annotated[Optional[str], typer.Option(help="Execution provider to run on (default: the artifact's target).")]
 KvPolicy = Annotated[str, typer.Option(help="KV cache: full | sinks-window | h2o | veda (h2o and veda need an "
                                             "artifact built with --kv-scores).")]
 KvBudget = Annotated[Optional[int], typer.Option(min=1, help="KV policy: most cache slots kept.")]
@@ -109,7 +110,8 @@ def optimize(
                                          "smollm2-135m.")] = "smollm2-135m",
     output: Annotated[Path, typer.Option("--output", "-o", help="Artifact directory to write.")] = ...,
     recipe: Annotated[str, typer.Option(help="Built-in recipe name (see `onnxlm recipes`) or a recipe .json file.")] = "fp32",
-    ep: Annotated[str, typer.Option(help="Execution provider to lower for.")] = "cpu",
+    ep: Annotated[str, typer.Option(help="Execution provider to build for: its lowering passes join the recipe, "
+                                         "and the manifest records it as the artifact's target (available: cpu).")] = "cpu",
     budget_bits: Annotated[Optional[float], typer.Option(
         min=2.0, max=8.0, help="Average code bits per decoder weight for the `nested` recipe's per-layer choice.")] = None,
     block_size: Annotated[Optional[int], typer.Option(
@@ -200,6 +202,7 @@ def generate(
     halt_threshold: HaltThreshold = None,
     exit_threshold: ExitThreshold = None,
     threads: Threads = None,
+    ep: Ep = None,
 ):
     """Generate text from an artifact, streamed to stdout as it is decoded."""
     import time
@@ -233,8 +236,8 @@ def generate(
                     kv, halt_threshold, exit_threshold)
     # sessions taking turns (a draft, the early-exit segments): no spinning workers (backends/cpu.py)
     turns = self_draft or draft is not None or exit_threshold is not None
-    art = load(directory, threads=threads, spinning=not turns)
-    drafter = art.self_draft() if self_draft else load(draft, threads=threads, spinning=False) if draft else None
+    art = load(directory, threads=threads, ep=ep, spinning=not turns)
+    drafter = art.self_draft() if self_draft else load(draft, threads=threads, ep=ep, spinning=False) if draft else None
     if mode == "speculative" and not sources:
         raise OnnxlmError("--decoding speculative needs --draft DIR, --prompt-lookup or --self-draft")
     counts = SpeculativeStats()
@@ -266,12 +269,13 @@ def evaluate(
     halt_threshold: HaltThreshold = None,
     exit_threshold: ExitThreshold = None,
     threads: Threads = None,
+    ep: Ep = None,
 ):
     """Perplexity over non-overlapping windows of a text, no special tokens added. Under an evicting
     --kv-policy each window is scored one token per step, from what the policy kept (StreamingLLM's protocol)."""
     from onnxlm.api import load
 
-    art = load(directory, threads=threads, spinning=exit_threshold is None)
+    art = load(directory, threads=threads, ep=ep, spinning=exit_threshold is None)
     kv = kv_config(kv_policy, kv_budget, sinks)
     with counted("scoring windows") as advance:
         result = art.perplexity(text, max_tokens=max_tokens, window=window, on_window=advance, kv_policy=kv,
@@ -297,12 +301,13 @@ def bench(
     sinks: Sinks = 4,
     halt_threshold: HaltThreshold = None,
     exit_threshold: ExitThreshold = None,
+    ep: Ep = None,
 ):
     """TTFT (a --context-token prompt, default 32), greedy decode tok/s (128 new tokens after it) and 512-token
     prefill time; medians. With a long --context and a --kv-policy: decode speed at long context."""
     from onnxlm.api import load
 
-    art = load(directory, threads=threads, spinning=exit_threshold is None)
+    art = load(directory, threads=threads, ep=ep, spinning=exit_threshold is None)
     with counted("benchmark runs") as advance:
         result = art.bench(runs=runs, on_run=advance, context=context,
                            kv_policy=kv_config(kv_policy, kv_budget, sinks), halt_threshold=halt_threshold,
@@ -317,8 +322,10 @@ def inspect(
     directory: Annotated[Path, typer.Argument(help="Artifact directory.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ):
-    """Show an artifact's recipe, each applied pass with its report, the op histogram and the file sizes."""
+    """Show an artifact's recipe, target, the inputs and outputs its passes added, each applied pass with its
+    report, the op histogram and the file sizes."""
     from onnxlm.artifact import read_manifest
+    from onnxlm.interface import Interface
 
     manifest = read_manifest(directory)
     if as_json:
@@ -335,6 +342,17 @@ def inspect(
     mode, origin = generation.pop("mode"), generation.pop("origin", "")
     settings = ", ".join(f"{k} {v}" for k, v in generation.items())
     out.print(f"default decoding: {mode}{f' ({settings})' if settings else ''}, from {origin}")
+    target = manifest["target"]
+    probe = "" if target["probe_providers"] == target["providers"] else \
+        f" (its checks ran on {', '.join(target['probe_providers'])}: the target EP was not available)"
+    out.print(f"target: {target['ep']} ({', '.join(target['providers'])}, device {target['device']}){probe}")
+    genai = manifest["genai"]
+    out.print(f"onnxruntime-genai: {'deployable' if genai['deployable'] else 'not deployable: ' + genai['reason']}")
+    interface = Interface.from_dict(manifest["interface"])
+    if interface.ports or interface.features:
+        out.print(f"interface: features {', '.join(interface.features)}")
+        for port in interface.ports:
+            out.print(f"  {port.describe()}")
     passes = Table("pass", "nodes", "seconds", "check", "matched / notes", title="passes")
     for r in manifest["passes"]:
         check_text = check_summary(r["check"])

@@ -2,11 +2,25 @@
 
 Field names follow onnxruntime-genai's config (model.decoder inputs/outputs, search options). The KV buffer is
 shared between past and present exactly when the graph can share it (model_info.shares_kv_buffer).
+
+genai feeds a decoder's own inputs and nothing else. Inputs that passes added (the artifact's interface) are fine
+when each is optional (an initializer holds its default, which ORT uses when genai leaves the input out); an
+artifact with a required added input is not deployable there, and gets no genai_config.json.
 """
 
 from __future__ import annotations
 
+from onnxlm.interface import Interface
 from onnxlm.model_info import ModelInfo, shares_kv_buffer
+
+
+def genai_support(interface: Interface) -> dict:
+    """{"deployable": True}, or False with the reason: the added inputs genai would have to feed."""
+    required = interface.required_inputs()
+    if not required:
+        return {"deployable": True}
+    names = ", ".join(p.name for p in required)
+    return {"deployable": False, "reason": f"onnxruntime-genai cannot feed the required input(s) {names}"}
 
 
 def genai_config(info: ModelInfo, op_histogram: dict[str, int], model_file: str = "model.onnx",

@@ -173,6 +173,16 @@ GENERATION = {
     "min_p": Opt(float), "repetition_penalty": Opt(float), "seed": Opt(NonNegative),
 }
 
+# What the passes added to the decoder's inputs and outputs (interface.py).
+PORT = {
+    "name": str, "direction": str, "dtype": str, "shape": [(int, str)], "feature": str, "role": str, "meaning": str,
+    "default": (int, float, bool, type(None)), "optional": bool,
+}
+INTERFACE = {"features": [str], "ports": [PORT]}
+
+# The execution provider an artifact was built for (backends/), and the one the pass manager's probe ran on.
+TARGET = {"ep": str, "providers": [str], "device": str, "probe_providers": [str]}
+
 MANIFEST = {
     "format": str, "onnxlm_version": str, "created": str,
     "source": {"kind": str, "path": str, "sha256": str},
@@ -183,6 +193,9 @@ MANIFEST = {
     "files": MapOf(NonNegative),
     "packages": MapOf(str),
     "generation": Opt(GENERATION),
+    "interface": INTERFACE,
+    "target": TARGET,
+    "genai": {"deployable": bool, "reason": Opt(str)},
 }
 
 # tokenizer_config.json, in an artifact or a source: only the keys onnxlm reads are checked.

@@ -1,15 +1,22 @@
-"""Backends: how an artifact meets an ONNX Runtime execution provider (providers, session options, and
-EP-specific lowering). Only the CPU EP exists so far; CUDA and NPU-class providers go beside it."""
+"""Backends: one per ONNX Runtime execution provider (base.py has the contract). Only the CPU EP exists so far;
+CUDA and NPU-class providers go beside it, each registered here."""
 
 from __future__ import annotations
 
-from onnxlm.backends import cpu
+from onnxlm.backends.base import Backend
+from onnxlm.backends.cpu import CpuBackend
 from onnxlm.errors import OnnxlmError
 
-BACKENDS = {"cpu": cpu}
+BACKENDS: dict[str, Backend] = {b.name: b for b in [CpuBackend()]}
+CPU = BACKENDS["cpu"]
 
 
-def get_backend(name: str):
+def get_backend(name: str) -> Backend:
     if name not in BACKENDS:
         raise OnnxlmError(f"unknown execution provider '{name}' (available: {', '.join(BACKENDS)})")
     return BACKENDS[name]
+
+
+def probe_backend(target: Backend) -> Backend:
+    """Where the pass manager runs its checks: the target EP when this machine has it, else the CPU."""
+    return target if target.available() else CPU

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from onnxlm.errors import OnnxlmError
+from onnxlm.interface import Interface
 from onnxlm.model_info import ModelInfo
 
 
@@ -22,7 +23,7 @@ class PassContext:
     """What a pass may read besides the graph: model facts, the source, a scratch dir, calibration text.
 
     `calibration_ids` are token ids of real text: calibrating passes read activations on them, and the manager
-    scores every lossy pass's PPL on them. `quantized_tensors` returns the source's block-quantized tensors
+    scores every lossy pass's PPL on them. `interface` collects the ports and features the passes declare. `quantized_tensors` returns the source's block-quantized tensors
     (GGUF only, read by the frontend on demand), else None. A pass records its own measurements (weight error,
     sizes) in `metrics`; the manager moves them into the pass's report.
     """
@@ -33,6 +34,8 @@ class PassContext:
     calibration_ids: list[int] = dataclasses.field(default_factory=list)
     quantized_tensors: Callable[[], dict] | None = None
     metrics: dict = dataclasses.field(default_factory=dict)
+    interface: Interface = dataclasses.field(default_factory=Interface)  # what the passes so far added
+    probe: Any = None  # the backend the manager's checks run on (backends.probe_backend); None: the CPU
 
 
 @dataclasses.dataclass
@@ -79,6 +82,15 @@ class Pass:
     def check_fits(self, info: ModelInfo) -> None:
         """Raise OnnxlmError if the options cannot apply to this model. Called once the source is loaded, before
         the export and every pass, so that a recipe that cannot work fails in seconds, not after minutes."""
+
+    def ports(self, info: ModelInfo) -> list:
+        """The graph inputs and outputs this pass adds (interface.Port), as the artifact's interface records them:
+        the probe, the runtime, genai_config and `onnxlm inspect` read them from there. Default: none."""
+        return []
+
+    def features(self) -> list[str]:
+        """Behaviours this pass gives the graph without a port of its own (interface.Interface.features)."""
+        return []
 
     def run(self, model, ctx: PassContext) -> tuple[bool, dict[str, int], list[str]]:
         """Edit `model` (an onnx_ir.Model) in place. Return (modified, matched counts, notes)."""

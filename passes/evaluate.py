@@ -6,21 +6,21 @@ which works on every graph form (plain, lowered to GroupQueryAttention, quantize
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from onnxlm.errors import OnnxlmError
-from onnxlm.metrics import window_nll, windows_of
+from onnxlm.interface import Interface
+from onnxlm.metrics import perplexity, windows_of
 from onnxlm.model_info import ModelInfo
 
 PROBE_PAST, PROBE_SEQ = 3, 4
 
 
 def feeds_for(session, info: ModelInfo, tokens: np.ndarray, start: int, past: dict | None,
-              fed_elsewhere: set[str] = frozenset()) -> dict:
+              fed_elsewhere: set[str] = frozenset(), interface: Interface | None = None) -> dict:
     """The inputs of one forward over `tokens` (1, seq) at positions start.., with `past` (name -> array) or an
-    empty cache. `fed_elsewhere`: inputs the caller feeds itself (weights made inputs)."""
+    empty cache. Inputs that passes added (`interface`) get their neutral default when the graph needs them fed;
+    `fed_elsewhere`: inputs the caller feeds itself (weights made inputs)."""
     names = [i.name for i in session.get_inputs()]
     if past is None:
         past = {n: np.zeros((1, info.num_kv_heads, 0, info.head_dim), np.float32)  # (batch, kv_heads, 0, hd)
@@ -31,16 +31,18 @@ def feeds_for(session, info: ModelInfo, tokens: np.ndarray, start: int, past: di
         feeds["attention_mask"] = np.ones((1, start + seq), np.int64)
     if "position_ids" in names:
         feeds["position_ids"] = np.arange(start, start + seq, dtype=np.int64)[None]
-    if "past_halted" in names:  # quicksilver_halting at threshold 0: no token halts
-        feeds["past_halted"] = np.zeros((1, info.num_layers, start), bool)
-        feeds["halt_threshold"] = np.array(0.0, np.float32)
+    dims = {"batch": 1, "seq": seq, "past": start, "total": start + seq, "layers": info.num_layers,
+            "heads": info.num_heads}
+    for port in (interface or Interface()).required_inputs():
+        if port.name in names:
+            feeds[port.name] = port.fill(dims)
     unknown = set(names) - set(feeds) - fed_elsewhere
     if unknown:
-        raise OnnxlmError(f"the graph has inputs the probe does not know: {sorted(unknown)}")
+        raise OnnxlmError(f"the graph has inputs that no pass declared: {sorted(unknown)}")
     return feeds
 
 
-def probe_logits(session, info: ModelInfo) -> np.ndarray:
+def probe_logits(session, info: ModelInfo, interface: Interface | None = None) -> np.ndarray:
     """Logits of random tokens in two steps: a prefill of 3 tokens from an empty cache, then 4 more tokens on
     the cache it produced. Both the no-past and the with-past paths are exercised, on realistic K/V values."""
     rng = np.random.default_rng(0)
@@ -48,7 +50,8 @@ def probe_logits(session, info: ModelInfo) -> np.ndarray:
     past, start = None, 0
     for seq in (PROBE_PAST, PROBE_SEQ):
         tokens = rng.integers(0, info.vocab_size, (1, seq), dtype=np.int64)
-        result = dict(zip(outputs, session.run(outputs, feeds_for(session, info, tokens, start, past))))
+        result = dict(zip(outputs, session.run(outputs, feeds_for(session, info, tokens, start, past,
+                                                                  interface=interface))))
         past = {n.replace("present.", "past_key_values."): v for n, v in result.items() if n.startswith("present.")}
         start += seq
     return result["logits"]  # (1, PROBE_SEQ, vocab)
@@ -82,26 +85,21 @@ def decode_step_seconds(sessions: list, info: ModelInfo, context: int = 32, step
     return [statistics.median(t) for t in times]
 
 
-def session_perplexity(session, info: ModelInfo, ids: list[int], window: int = 512, extra: dict | None = None
-                       ) -> float:
-    """PPL over non-overlapping windows, each from an empty cache (the definition of runtime/perplexity.py).
+def session_perplexity(session, info: ModelInfo, ids: list[int], window: int = 512, extra: dict | None = None,
+                       interface: Interface | None = None) -> float:
+    """PPL over non-overlapping windows, each from an empty cache (metrics.perplexity, the one PPL loop).
     `extra`: inputs of the graph beyond a decoder's own (a probe graph's switches), fed to every window."""
     extra = extra or {}
-    nll, scored = 0.0, 0
-    for w in windows_of(ids, window):
-        tokens = np.asarray([w], np.int64)
-        feeds = {**feeds_for(session, info, tokens, 0, None, set(extra)), **extra}
-        logits = session.run(["logits"], feeds)[0][0]  # (seq, vocab)
-        nll += window_nll(logits[:-1], tokens[0, 1:])
-        scored += len(w) - 1
-    return math.exp(nll / scored)
+
+    def window_logits(w: list[int]):
+        feeds = feeds_for(session, info, np.asarray([w], np.int64), 0, None, set(extra), interface)
+        yield session.run(["logits"], {**feeds, **extra})[0][0]  # (seq, vocab)
+
+    return perplexity(windows_of(ids, window), window_logits)["ppl"]
 
 
-def open_session(path, threads: int | None = None):
-    import onnxruntime as ort
+def open_session(path, threads: int | None = None, backend=None):
+    """A plain session for the manager's checks and the passes' measurements: on `backend`, default the CPU."""
+    from onnxlm.backends import CPU
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # intermediate graphs may carry dead initializers; that is not news
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return (backend or CPU).session(path, threads)

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 
 from onnxlm.errors import OnnxlmError, first_line
-from onnxlm.model_info import ModelInfo
 from onnxlm.passes.base import PassContext, PassReport
 from onnxlm.passes.evaluate import open_session, probe_logits, session_perplexity
 from onnxlm.passes.recipe import Recipe
@@ -35,20 +34,19 @@ def onnx_check(path: Path) -> None:
             raise
 
 
-def check_graph(model, info: ModelInfo, scratch: Path, text_ids: list[int] | None = None
-                ) -> tuple[np.ndarray, float | None]:
-    """Save, run the onnx checker, create an ORT session; return the probe logits (1, seq, vocab) and, when
-    `text_ids` are given, the PPL on them."""
+def check_graph(model, ctx: PassContext, text_ids: list[int] | None = None) -> tuple[np.ndarray, float | None]:
+    """Save, run the onnx checker, create an ORT session on the probe backend; return the probe logits
+    (1, seq, vocab) and, when `text_ids` are given, the PPL on them."""
     import onnx_ir as ir
 
-    scratch.mkdir(parents=True, exist_ok=True)
-    path = scratch / "check.onnx"
+    ctx.scratch.mkdir(parents=True, exist_ok=True)
+    path = ctx.scratch / "check.onnx"
     ir.save(model, path, external_data="check.onnx.data")
     try:
         onnx_check(path)
-        session = open_session(path)
-        ppl = session_perplexity(session, info, text_ids) if text_ids else None
-        return probe_logits(session, info), ppl
+        session = open_session(path, backend=ctx.probe)
+        ppl = session_perplexity(session, ctx.info, text_ids, interface=ctx.interface) if text_ids else None
+        return probe_logits(session, ctx.info, ctx.interface), ppl
     except OnnxlmError:
         raise
     except Exception as exc:
@@ -63,7 +61,7 @@ def run_pipeline(
     When the recipe has a lossy pass, every graph is also scored on the calibration text, so that each lossy
     pass reports its cost as the PPL before and after it."""
     text_ids = ctx.calibration_ids if any(not p.lossless for p in recipe.passes) else None
-    reference, ppl = check_graph(model, ctx.info, ctx.scratch, text_ids)
+    reference, ppl = check_graph(model, ctx, text_ids)
     reports = []
     for p in recipe.passes:
         if on_pass:
@@ -73,7 +71,9 @@ def run_pipeline(
         start = time.perf_counter()
         modified, matched, notes = p.run(model, ctx)
         seconds = time.perf_counter() - start
-        logits, ppl_after = check_graph(model, ctx.info, ctx.scratch, text_ids)
+        if modified:
+            ctx.interface.add(p.ports(ctx.info), p.features())
+        logits, ppl_after = check_graph(model, ctx, text_ids)
         check = {}
         if not p.lossless:
             check = {"ppl_before": ppl, "ppl_after": ppl_after, "ppl_tokens": len(text_ids or ()),

@@ -14,7 +14,7 @@ import dataclasses
 import numpy as np
 
 from onnxlm.errors import OnnxlmError
-from onnxlm.runtime.generate import check_lengths
+from onnxlm.runtime.execution import check_lengths
 from onnxlm.runtime.session import DecoderSession
 
 NEG = np.float32(-1.0e9)  # transformers' "impossible" score

@@ -16,10 +16,9 @@ import time
 import numpy as np
 
 from onnxlm.errors import OnnxlmError
-from onnxlm.runtime.bounded_cache import bounded_prefill, policy_step
-from onnxlm.runtime.bounded_cache import start as start_bounded
-from onnxlm.runtime.early_exit import ExitState, exit_step
-from onnxlm.runtime.generate import decode_one_token, greedy, prefill
+from onnxlm.runtime.decoding import executor_for
+from onnxlm.runtime.execution import Executor
+from onnxlm.runtime.generate import greedy
 from onnxlm.runtime.kv_policy import KVPolicyConfig
 from onnxlm.runtime.session import DecoderSession
 
@@ -39,30 +38,15 @@ def bench_prompt(tokenizer, length: int) -> list[int]:
     return (ids * (length // len(ids) + 1))[:length]
 
 
-def time_generation(model: DecoderSession, prompt: list[int], new_tokens: int,
-                    kv_policy: KVPolicyConfig | None = None, halt_threshold: float | None = None,
-                    exits: tuple | None = None) -> tuple[float, float]:
-    """Return (ttft seconds, decode tok/s) for one greedy run that ignores EOS, under `kv_policy` if given, with
-    token halting at `halt_threshold` if given, with early exit if `exits` = (segments, threshold)."""
-    if exits is not None:
-        segments, threshold = exits
-        cache = model.new_cache(capacity=len(prompt) + new_tokens)
-        state = ExitState(lower=len(prompt), upper=len(prompt))
-        run_prompt = lambda: prefill(model, cache, prompt)  # noqa: E731
-        run_token = lambda t: exit_step(segments, cache, state, t, threshold)  # noqa: E731
-    elif kv_policy is not None and kv_policy.name != "full":
-        policy, cache = start_bounded(model, kv_policy, len(prompt) + new_tokens)
-        run_prompt = lambda: bounded_prefill(model, cache, policy, prompt)  # noqa: E731
-        run_token = lambda t: policy_step(model, cache, policy, [t])[-1]  # noqa: E731
-    else:
-        cache = model.new_cache(capacity=len(prompt) + new_tokens, halt_threshold=halt_threshold)  # before the clock
-        run_prompt = lambda: prefill(model, cache, prompt)  # noqa: E731
-        run_token = lambda t: decode_one_token(model, cache, t)  # noqa: E731
+def time_generation(executor: Executor, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+    """Return (ttft seconds, decode tok/s) for one greedy run that ignores EOS, on `executor` (the full cache, a
+    KV policy, early exit: decoding.executor_for)."""
+    executor.begin(len(prompt) + new_tokens)  # the cache, before the clock
     start = time.perf_counter()
-    token = greedy(run_prompt())
+    token = greedy(executor.prefill(prompt))
     first = time.perf_counter()
     for _ in range(new_tokens - 1):
-        token = greedy(run_token(token))
+        token = greedy(executor.decode(token))
     last = time.perf_counter()
     return first - start, (new_tokens - 1) / (last - first)
 
@@ -86,10 +70,12 @@ def bench(model: DecoderSession, tokenizer, runs: int = 5, on_run=None, context:
     if PREFILL_TOKENS > limit:
         raise OnnxlmError(f"the {PREFILL_TOKENS}-token prefill exceeds the model's context length {limit}")
     short, long = bench_prompt(tokenizer, context), bench_prompt(tokenizer, PREFILL_TOKENS)
-    time_generation(model, short, 4, kv_policy, halt_threshold, exits)  # warm-up: first-run allocations
+    segments, threshold = exits or (None, None)
+    executor = executor_for(model, kv_policy, halt_threshold, threshold, segments)
+    time_generation(executor, short, 4)  # warm-up: first-run allocations
     ttft, decode, prefill_s = [], [], []
     for i in range(runs):
-        t, d = time_generation(model, short, NEW_TOKENS, kv_policy, halt_threshold, exits)
+        t, d = time_generation(executor, short, NEW_TOKENS)
         ttft.append(t)
         decode.append(d)
         prefill_s.append(time_prefill(model, long))

@@ -1,9 +1,9 @@
-"""How to decode, as plain data, and the one function that picks the loop for it.
+"""How to decode, as plain data, and the functions that pick the loop and the executor for it.
 
-greedy and sample run generate.generate_tokens, or bounded_cache.bounded_generate under an evicting KV policy, or
-early_exit.exit_generate with an exit threshold;
-beam runs beam.beam_search; speculative runs speculative.speculative_generate with a drafter (prompt lookup or a
-draft decoder). All of them stream token ids.
+greedy and sample run generate.generate_with on an executor (execution.py): the full cache, a KV policy
+(bounded_cache.Bounded) or early exit (early_exit.EarlyExit), chosen by `executor_for`; beam runs
+beam.beam_search; speculative runs speculative.speculative_generate with a drafter (prompt lookup or a draft
+decoder). All of them stream token ids.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from collections.abc import Iterator
 
 from onnxlm.errors import OnnxlmError
 from onnxlm.runtime.beam import beam_search
-from onnxlm.runtime.bounded_cache import bounded_generate
-from onnxlm.runtime.early_exit import ExitSegments, exit_generate
-from onnxlm.runtime.generate import generate_tokens
+from onnxlm.runtime.bounded_cache import Bounded
+from onnxlm.runtime.early_exit import EarlyExit, ExitSegments
+from onnxlm.runtime.execution import Executor, Plain
+from onnxlm.runtime.generate import generate_with
 from onnxlm.runtime.kv_policy import KVPolicyConfig
 from onnxlm.runtime.sampling import Sampler, SamplingConfig
 from onnxlm.runtime.session import DecoderSession
@@ -106,10 +107,24 @@ def decode(
             draft_model, len(prompt_ids) + max_new_tokens)
         return speculative_generate(model, drafter, prompt_ids, max_new_tokens, stop_ids, sampler,
                                     decoding.max_draft, stats)
-    if decoding.exit_threshold is not None:
-        return exit_generate(model, exits or ExitSegments(model), prompt_ids, max_new_tokens, decoding.exit_threshold,
-                             stop_ids, sampler)
-    if decoding.kv_policy.name != "full":
-        return bounded_generate(model, prompt_ids, max_new_tokens, decoding.kv_policy, stop_ids, sampler)
-    return generate_tokens(model, prompt_ids, max_new_tokens, stop_ids, sampler, decoding.chunk_size,
-                           decoding.halt_threshold)
+    executor = executor_for(model, decoding.kv_policy, decoding.halt_threshold, decoding.exit_threshold, exits,
+                            decoding.chunk_size)
+    return generate_with(executor, prompt_ids, max_new_tokens, stop_ids, sampler)
+
+
+def executor_for(model: DecoderSession, kv_policy: KVPolicyConfig | None = None, halt_threshold: float | None = None,
+                 exit_threshold: float | None = None, exits: ExitSegments | None = None,
+                 chunk_size: int | None = None) -> Executor:
+    """How the steps of a greedy or sampled run (or a perplexity) execute: with early exit at `exit_threshold`,
+    under an evicting `kv_policy`, or on the full cache (token halting at `halt_threshold` on a quicksilver
+    artifact, the prompt in chunks of `chunk_size`)."""
+    evicting = kv_policy is not None and kv_policy.name != "full"
+    if exit_threshold is not None:
+        if halt_threshold is not None or evicting:
+            raise OnnxlmError("early exit does not combine with token halting or an evicting KV policy")
+        return EarlyExit(model, exits or ExitSegments(model), exit_threshold)
+    if evicting:
+        if halt_threshold is not None:
+            raise OnnxlmError("token halting and an evicting KV policy do not combine")
+        return Bounded(model, kv_policy)
+    return Plain(model, chunk_size, halt_threshold=halt_threshold)

@@ -15,9 +15,6 @@ The deep layers' FLOPs are deferred, not saved; the time saved is the deep layer
 from __future__ import annotations
 
 import dataclasses
-import math
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,27 +23,22 @@ from onnxlm.artifact import EXIT_DRIFT as DRIFT
 from onnxlm.artifact import EXIT_HIDDEN as HIDDEN
 from onnxlm.artifact import EXITS_DIR
 from onnxlm.errors import OnnxlmError
-from onnxlm.metrics import window_nll
-from onnxlm.runtime.generate import check_lengths, decode_loop, prefill
+from onnxlm.runtime.execution import Executor
+from onnxlm.runtime.generate import generate_with
 from onnxlm.runtime.kv_cache import KVCache
-from onnxlm.runtime.perplexity import scoring_windows
+from onnxlm.runtime.perplexity import perplexity
 from onnxlm.runtime.sampling import Sampler
 from onnxlm.runtime.session import DecoderSession
+
+FEATURE = "early_exit"  # declared by passes/layers/exits.py
 
 
 class Segment:
     """One graph of exits/ in an ORT session; runs with IO binding on (a subset of) the shared KV buffers."""
 
     def __init__(self, path: Path, model: DecoderSession):
-        import onnxruntime as ort
-
-        from onnxlm.backends import get_backend
-
-        backend = get_backend("cpu")
         # The segments take turns on the same cores: no spinning workers (see backends/cpu.py).
-        self.session = ort.InferenceSession(str(path), sess_options=backend.session_options(model.threads,
-                                                                                              spinning=False),
-                                            providers=backend.PROVIDERS)
+        self.session = model.backend.session(path, model.threads, spinning=False)
         self.inputs = {i.name for i in self.session.get_inputs()}
         index = {name: i for i, name in enumerate(model.kv_input_names)}
         self.kv = [(index[n], n, n.replace("past_key_values.", "present.")) for n in model.kv_input_names
@@ -80,7 +72,7 @@ class Segment:
 class ExitSegments:
     def __init__(self, model: DecoderSession):
         directory = model.directory / EXITS_DIR
-        if not directory.is_dir() or not model.shared_kv:
+        if not directory.is_dir() or not model.shared_kv or not model.interface.has(FEATURE):
             raise OnnxlmError(f"{model.directory} has no {EXITS_DIR}/: --exit-threshold needs an artifact built "
                               f"with `onnxlm optimize ... --recipe early-exit`")
         self.lower, self.upper, self.head = (Segment(directory / f"{n}.onnx", model) for n in ("lower", "upper", "head"))
@@ -120,35 +112,47 @@ def exit_step(segments: ExitSegments, cache: KVCache, state: ExitState, token: i
     return logits[0, -1]
 
 
+class EarlyExit(Executor):
+    """Decode steps that may exit after layer k; the prompt runs model.onnx. A perplexity scores each window's
+    first token through model.onnx, then one token per decode step (teacher-forced), each predicted from the exit
+    or the full depth as the signal decides."""
+
+    def __init__(self, model: DecoderSession, segments: ExitSegments, threshold: float):
+        super().__init__(model)
+        self.segments, self.threshold, self.state = segments, threshold, None
+        self.steps = self.exits = 0
+
+    def prefill(self, ids, all_logits=False, scoring=False):
+        logits = self.model.step(np.asarray([ids], np.int64), self.cache, last_only=not all_logits,
+                                 scoring=scoring)[0]  # (n or 1, vocab)
+        self._fold_exits()
+        self.state = ExitState(lower=self.cache.length, upper=self.cache.length)
+        return logits if all_logits else logits[-1]
+
+    def decode(self, token):
+        return exit_step(self.segments, self.cache, self.state, token, self.threshold)
+
+    def first_block(self, n):
+        return 1
+
+    def _fold_exits(self) -> None:
+        if self.state is not None:
+            self.steps, self.exits = self.steps + self.state.steps, self.exits + self.state.exits
+
+    def report(self):
+        self._fold_exits()
+        self.state = None
+        return {**super().report(), "exit_threshold": self.threshold, "exit_rate": self.exits / max(self.steps, 1),
+                "exit_layer": self.segments.layer}
+
+
 def exit_generate(model: DecoderSession, segments: ExitSegments, prompt_ids: list[int], max_new_tokens: int,
-                  threshold: float, stop_ids: tuple[int, ...] = (), sampler: Sampler | None = None
-                  ) -> Iterator[int]:
+                  threshold: float, stop_ids: tuple[int, ...] = (), sampler: Sampler | None = None):
     """Greedy or sampled decoding with early exit."""
-    check_lengths(model, prompt_ids, max_new_tokens)
-    cache = model.new_cache(capacity=len(prompt_ids) + max_new_tokens)
-    logits = prefill(model, cache, prompt_ids)
-    state = ExitState(lower=cache.length, upper=cache.length)
-    yield from decode_loop(logits, prompt_ids, max_new_tokens, stop_ids, sampler or Sampler(),
-                           lambda token: exit_step(segments, cache, state, token, threshold))
+    return generate_with(EarlyExit(model, segments, threshold), prompt_ids, max_new_tokens, stop_ids, sampler)
 
 
 def exit_perplexity(model: DecoderSession, segments: ExitSegments, token_ids: list[int], threshold: float,
                     window: int = 512) -> dict:
-    """PPL with early exit: each window from an empty cache, its first token through model.onnx, then one token
-    per decode step (teacher-forced), each predicted from the exit or the full depth as the signal decides."""
-    windows = scoring_windows(token_ids, window)
-    begin = time.perf_counter()
-    nll, scored, steps, exits = 0.0, 0, 0, 0
-    for ids in windows:
-        cache = model.new_cache(capacity=len(ids))
-        logits = prefill(model, cache, ids[:1])
-        state = ExitState(lower=1, upper=1)
-        for i in range(1, len(ids)):
-            nll += window_nll(logits[None], np.asarray([ids[i]]))
-            if i + 1 < len(ids):
-                logits = exit_step(segments, cache, state, ids[i], threshold)
-        scored += len(ids) - 1
-        steps, exits = steps + state.steps, exits + state.exits
-    return {"ppl": math.exp(nll / scored), "nll": nll / scored, "tokens": len(token_ids), "scored_tokens": scored,
-            "windows": len(windows), "window": window, "seconds": time.perf_counter() - begin,
-            "exit_threshold": threshold, "exit_rate": exits / max(steps, 1), "exit_layer": segments.layer}
+    """PPL with early exit (EarlyExit's protocol)."""
+    return perplexity(EarlyExit(model, segments, threshold), token_ids, window)

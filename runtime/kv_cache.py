@@ -3,10 +3,16 @@
 Two layouts, chosen by the graph:
 - growing (plain export): each entry is (batch, kv_heads, length, head_dim); the graph concatenates past and new
   K/V and returns new tensors each step.
-- shared (GroupQueryAttention): each entry is a preallocated (batch, kv_heads, capacity, head_dim) numpy buffer,
-  wrapped without a copy as an OrtValue and bound as both past and present; GQA writes the new positions in place
-  and reads each row's length from position_ids. Positions past `length` hold stale K/V that the next write
-  overwrites, so dropping the last k positions (speculative rollback) is `truncate`, with no copy.
+- shared (GroupQueryAttention): each entry is a preallocated (batch, kv_heads, capacity, head_dim) buffer on the
+  backend's device, bound as both past and present; GQA writes the new positions in place and reads each row's
+  length from position_ids. Positions past `length` hold stale K/V that the next write overwrites, so dropping
+  the last k positions (speculative rollback) is `truncate`, with no copy.
+
+On the CPU a shared buffer is a numpy array (`arrays`) that the OrtValue aliases, so beam reordering and KV
+eviction edit it in place. On another device there are no host arrays, and those edits are refused.
+
+The cache knows nothing of features: a step extension (runtime/extensions.py) keeps its per-cache state in
+`state`, under its feature's name.
 """
 
 from __future__ import annotations
@@ -30,28 +36,36 @@ class KVCache:
     values: list  # onnxruntime.OrtValue, ordered [k0, v0, k1, v1, ...]
     length: int  # positions already in the cache
     capacity: int | None  # None: growing layout; else the shared buffer's length
-    arrays: list | None = None  # shared layout: the numpy buffers behind `values`
-    binding: Any = None  # shared layout: the session's IO binding with these buffers bound as past and present
-    decode_feeds: Any = None  # DecodeFeeds: the decode step's preallocated inputs (session.py)
+    device: str = "cpu"  # where `values` live
+    arrays: list | None = None  # shared layout on the CPU: the numpy buffers behind `values`
     offset: int = 0  # tokens evicted while the kept keys keep their original positions (see kv_policy.py)
-    halted: Any = None  # quicksilver graphs: (batch, layers, capacity) bool, which slots skipped which layers
-    halt_threshold: float = 0.0  # quicksilver graphs: the drift below which a token halts (0: never)
-    layers_skipped: int = 0  # quicksilver graphs: token-layers skipped / run so far
-    layers_run: int = 0
-    sparse_all_positions: bool = False  # La RoSA graphs: top-k on every position, not only in decode (eval)
-    switch_value: Any = None  # the OrtValue bound for that switch
+    binding: Any = None  # shared layout: the session's binding of these buffers as past and present (session.py)
+    decode_feeds: Any = None  # the decode step's preallocated inputs and logits buffer (session.DecodeFeeds)
+    state: dict = dataclasses.field(default_factory=dict)  # step extensions' per-cache state, by feature
 
     @classmethod
-    def empty(cls, names: list[str], batch: int, kv_heads: int, head_dim: int,
-              capacity: int | None = None) -> KVCache:
+    def empty(cls, names: list[str], batch: int, kv_heads: int, head_dim: int, capacity: int | None = None,
+              device: str = "cpu") -> KVCache:
         shape = (batch, kv_heads, capacity or 0, head_dim)  # (batch, kv_heads, capacity, head_dim)
-        arrays = [np.zeros(shape, np.float32) for _ in names]
-        return cls(values=[_wrap(a) for a in arrays], length=0, capacity=capacity,
-                   arrays=arrays if capacity else None)
+        if device == "cpu":
+            arrays = [np.zeros(shape, np.float32) for _ in names]
+            return cls(values=[_wrap(a) for a in arrays], length=0, capacity=capacity,
+                       arrays=arrays if capacity else None)
+        import onnxruntime as ort
+
+        values = [ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, device, 0) for _ in names]
+        return cls(values=values, length=0, capacity=capacity, device=device)
 
     @property
     def shared(self) -> bool:
         return self.capacity is not None
+
+    def host_arrays(self, what: str) -> list[np.ndarray]:
+        """The shared buffers as numpy arrays, for edits made on the host (`what`: the edit, for the error)."""
+        if self.arrays is None:
+            raise OnnxlmError(f"{what} needs the shared KV buffer in host memory; this cache is "
+                              f"{'growing' if not self.shared else f'on {self.device}'}")
+        return self.arrays
 
     def check_room(self, new_tokens: int) -> None:
         if self.shared and self.length + new_tokens > self.capacity:
@@ -77,7 +91,7 @@ class KVCache:
         """Row b takes the K/V of row rows[b] (beam search), in place on the shared buffer."""
         rows = np.asarray(rows, np.int64)  # (batch,)
         if self.shared:
-            for a in self.arrays:  # (batch, kv_heads, capacity, head_dim)
+            for a in self.host_arrays("beam reordering"):  # (batch, kv_heads, capacity, head_dim)
                 a[:, :, : self.length] = a[rows, :, : self.length]
         else:
             self.values = [_wrap(np.ascontiguousarray(v.numpy()[rows])) for v in self.values]
@@ -86,7 +100,7 @@ class KVCache:
         """A batch-1 cache over row b of a shared buffer, without a copy: prefill one request of a batch."""
         if not self.shared:
             raise OnnxlmError("per-row caches need a GroupQueryAttention graph (shared KV buffer)")
-        arrays = [a[b : b + 1] for a in self.arrays]  # (1, kv_heads, capacity, head_dim), views
+        arrays = [a[b : b + 1] for a in self.host_arrays("a per-row cache")]  # (1, kv_heads, capacity, head_dim)
         return KVCache(values=[_wrap(a) for a in arrays], length=0, capacity=self.capacity, arrays=arrays)
 
     def nbytes(self) -> int:

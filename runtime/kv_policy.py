@@ -86,10 +86,10 @@ class Policy:
         """Record what the step that wrote the last `n` slots saw (scored policies)."""
 
     def check_positions(self, model) -> None:
-        if not self.config.relative and not model.separate_positions:
+        if not self.config.relative and not model.interface.has("kv_positions"):
             raise OnnxlmError(f"--kv-policy {self.config.name} keeps original positions: it needs an artifact "
                               "built with `onnxlm optimize ... --kv-scores`")
-        if self.needs_probs and not model.probs_names:
+        if self.needs_probs and not model.interface.has("attention_probs"):
             raise OnnxlmError(f"--kv-policy {self.config.name} scores slots by attention: it needs an artifact "
                               "built with `onnxlm optimize ... --kv-scores`")
 
@@ -118,7 +118,7 @@ class SinksWindow(Policy):
         if drop < need:
             raise OnnxlmError(f"{n} new tokens do not fit a KV budget of {budget} with {sinks} sinks")
         end = cache.length
-        for i, a in enumerate(cache.arrays):  # (batch, kv_heads, capacity, head_dim); keys at even indices
+        for i, a in enumerate(cache.host_arrays("KV eviction")):  # (batch, kv_heads, capacity, head_dim); keys at even indices
             a[:, :, sinks : end - drop] = a[:, :, sinks + drop : end]  # numpy copies overlapping slices safely
             if i % 2 == 0 and self.config.relative:
                 rotate_keys(a[:, :, sinks : end - drop], -drop, self.info)
@@ -171,7 +171,7 @@ class _Scored(Policy):
         """victims (layers, kv_heads): copy slot `last` into each (a victim that is `last` copies onto itself)."""
         heads = np.arange(self.info.num_kv_heads)
         for layer in range(self.info.num_layers):
-            for a in cache.arrays[2 * layer : 2 * layer + 2]:  # (1, kv_heads, capacity, head_dim)
+            for a in cache.host_arrays("KV eviction")[2 * layer : 2 * layer + 2]:  # (1, kv_heads, capacity, head_dim)
                 a[0, heads, victims[layer]] = a[0, heads, last]
         for state in (self.scores, self.positions):
             state[np.arange(self.info.num_layers)[:, None], heads[None, :], victims] = state[:, :, last]
@@ -181,7 +181,7 @@ class _Scored(Policy):
         holes = np.sort(victims[victims < new_end])
         tail = np.arange(new_end, new_end + len(victims))
         movers = tail[~np.isin(tail, victims)]
-        for a in cache.arrays[2 * layer : 2 * layer + 2]:  # (1, kv_heads, capacity, head_dim)
+        for a in cache.host_arrays("KV eviction")[2 * layer : 2 * layer + 2]:  # (1, kv_heads, capacity, head_dim)
             a[0, head, holes] = a[0, head, movers]
         for state in (self.scores, self.positions):
             state[layer, head, holes] = state[layer, head, movers]

@@ -4,6 +4,9 @@ The KV cache never leaves ORT. On a GroupQueryAttention graph one preallocated b
 `past_key_values.*` and `present.*`, and decode writes in place (past_present_share_buffer). On the plain export,
 each step's `present.*` OrtValues are bound as the next step's past without a copy to numpy; ORT allocates each
 present anew there, because that graph concatenates past and new K/V.
+
+Everything beyond a decoder's own inputs and outputs is a step extension (runtime/extensions.py), built from the
+interface the artifact's manifest records; the session runs their hooks and knows none of them by name.
 """
 
 from __future__ import annotations
@@ -14,20 +17,11 @@ import numpy as np
 
 from onnxlm.artifact import MODEL_FILE, read_manifest
 from onnxlm.backends import get_backend
-from onnxlm.errors import OnnxlmError, first_line
+from onnxlm.errors import OnnxlmError
+from onnxlm.interface import Interface
 from onnxlm.model_info import ModelInfo, shares_kv_buffer
+from onnxlm.runtime.extensions import EXTENSIONS, StepInfo, ort_value
 from onnxlm.runtime.kv_cache import KVCache
-
-
-# A graph with attention outputs (--kv-scores) computes heads x n x total floats per layer for n new tokens even
-# when nobody reads them (18 GB for a 4,096-token step on SmolLM2): its steps take at most this many tokens.
-PROBS_CHUNK = 256
-
-
-def ort_value(array: np.ndarray):
-    import onnxruntime as ort
-
-    return ort.OrtValue.ortvalue_from_numpy(array)
 
 
 class DecodeFeeds:
@@ -45,26 +39,45 @@ class DecodeFeeds:
         return self.ones[: batch * total].reshape(batch, total)  # (batch, total), a view
 
 
+class Binding:
+    """An IO binding, and its outputs' names in binding order (ORT returns bound outputs by position; binding a
+    name again keeps its place)."""
+
+    def __init__(self, session):
+        self.io = session.io_binding()
+        self.outputs: list[str] = []
+        self.inputs: dict = {}  # OrtValues bound by `bind_input`, kept alive while bound
+
+    def bind_input(self, name: str, array: np.ndarray) -> None:
+        """Bind an input by OrtValue: unlike bind_cpu_input, this reaches inputs that are also initializers
+        (the optional inputs passes add)."""
+        self.inputs[name] = ort_value(np.ascontiguousarray(array))
+        self.io.bind_ortvalue_input(name, self.inputs[name])
+
+    def bind_output(self, name: str, target) -> None:
+        """Bind output `name` to a device (a str: ORT allocates) or to an OrtValue."""
+        if isinstance(target, str):
+            self.io.bind_output(name, target)
+        else:
+            self.io.bind_ortvalue_output(name, target)
+        if name not in self.outputs:
+            self.outputs.append(name)
+
+    def fetch(self, name: str):
+        return self.io.get_outputs()[self.outputs.index(name)]
+
+
 class DecoderSession:
     """One loaded decoder. `step` runs new tokens against a KV cache and returns their logits."""
 
-    def __init__(self, directory: Path, threads: int | None = None, ep: str = "cpu", profile: bool = False,
+    def __init__(self, directory: Path, threads: int | None = None, ep: str | None = None, profile: bool = False,
                  spinning: bool = True):
-        import onnxruntime as ort
-
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
         self.info = ModelInfo.from_dict(self.manifest["model"])
-        backend = get_backend(ep)
+        self.backend = get_backend(ep or self.manifest["target"]["ep"])  # default: the artifact's target
         self.threads = threads  # None: ORT picks the count (physical cores) and pins the threads
-        try:
-            self.session = ort.InferenceSession(
-                str(self.directory / MODEL_FILE),
-                sess_options=backend.session_options(threads, profile, spinning),
-                providers=backend.PROVIDERS,
-            )
-        except Exception as exc:
-            raise OnnxlmError(f"ONNX Runtime cannot load {self.directory / MODEL_FILE}: {first_line(exc)}") from None
+        self.session = self.backend.session(self.directory / MODEL_FILE, threads, profile, spinning)
         self.input_names = {i.name for i in self.session.get_inputs()}
         graph_layers = sum(1 for name in self.input_names if name.startswith("past_key_values."))
         if graph_layers != 2 * self.info.num_layers:
@@ -73,38 +86,38 @@ class DecoderSession:
         self.kv_input_names = self._ordered_kv("past_key_values.{}.{}")
         self.kv_output_names = self._ordered_kv("present.{}.{}")
         self.shared_kv = shares_kv_buffer(self.manifest.get("op_histogram", {}))
-        # Built with the expose_attention pass: positions apart from cache slots, and per-layer probabilities.
-        self.separate_positions = any(r["name"] == "expose_attention" for r in self.manifest.get("passes", []))
-        outputs = {o.name for o in self.session.get_outputs()}
-        self.probs_names = [n for n in (f"attention_probs.{i}" for i in range(self.info.num_layers)) if n in outputs]
-        self.halting = "past_halted" in self.input_names  # built by the quicksilver recipe
-        # La RoSA graphs sparsify in decode only, unless this switch (an input with a default) says every position.
-        overridable = {i.name for i in self.session.get_overridable_initializers()}
-        self.sparse_switch = "sparsify_all_positions" in overridable
-        # Built with the logits_to_keep pass: a prefill that reads only its last row skips the LM head elsewhere.
-        self.keep_switch = "logits_to_keep" in overridable
-        self.keep_values = {k: ort_value(np.array(k, np.int64)) for k in (0, 1)}  # all positions / the last
+        self.interface = Interface.from_dict(self.manifest["interface"])
+        self.extensions = [EXTENSIONS[f](self.interface.of(f), self.info) for f in self.interface.features
+                           if f in EXTENSIONS]
+        self.hot = all(e.hot for e in self.extensions)  # decode steps may take the preallocated fast path
+        limits = [e.max_step_tokens for e in self.extensions if e.max_step_tokens]
+        self.max_step_tokens = min(limits) if limits else None
 
     def _ordered_kv(self, fmt: str) -> list[str]:
         return [fmt.format(i, kind) for i in range(self.info.num_layers) for kind in ("key", "value")]
 
-    def new_cache(self, batch: int = 1, capacity: int | None = None, halt_threshold: float | None = None) -> KVCache:
-        """An empty cache. `capacity` (positions) sizes the shared buffer of a GQA graph; default: context length.
-        `halt_threshold`: QuickSilver's drift threshold, on a graph built by the quicksilver recipe."""
+    def new_cache(self, batch: int = 1, capacity: int | None = None, **options) -> KVCache:
+        """An empty cache on the backend's device. `capacity` (positions) sizes the shared buffer of a GQA graph;
+        default: context length. `options` go to the step extensions that take them (e.g. `halt_threshold`,
+        QuickSilver's drift threshold, on a graph built by the quicksilver recipe)."""
         if self.shared_kv:
             capacity = min(capacity or self.info.context_length, self.info.context_length)
         else:
             capacity = None
-        cache = KVCache.empty(self.kv_input_names, batch, self.info.num_kv_heads, self.info.head_dim, capacity)
-        if halt_threshold is not None and not self.halting:
-            raise OnnxlmError("--halt-threshold needs an artifact built with `onnxlm optimize ... --recipe quicksilver`")
-        if self.halting:
-            cache.halted = np.zeros((batch, self.info.num_layers, capacity), bool)  # (batch, layers, capacity)
-            cache.halt_threshold = float(halt_threshold or 0.0)
+        for name, value in options.items():
+            owner = next((cls for cls in EXTENSIONS.values() if name in cls.options), None)
+            if owner is None:
+                raise OnnxlmError(f"no step extension takes the option {name}")
+            if value is not None and not self.interface.has(owner.feature):
+                raise OnnxlmError(f"--{name.replace('_', '-')} needs an artifact built with {owner.needs}")
+        cache = KVCache.empty(self.kv_input_names, batch, self.info.num_kv_heads, self.info.head_dim, capacity,
+                              self.backend.device)
+        for extension in self.extensions:
+            extension.start(cache, batch, capacity or self.info.context_length, **options)
         return cache
 
     def step(self, token_ids: np.ndarray, cache: KVCache, positions: np.ndarray | None = None,
-             last_only: bool = False) -> np.ndarray:
+             last_only: bool = False, scoring: bool = False, inputs: dict | None = None) -> np.ndarray:
         """Run `token_ids` (batch, seq) at positions cache.length + cache.offset.. and advance the cache.
 
         Returns logits (batch, seq, vocab) as float32, or (batch, 1, vocab) for the last position with
@@ -114,15 +127,31 @@ class DecoderSession:
 
         `positions` (batch, 1) gives each row its own position, for a decode batch whose rows hold different
         lengths (shared buffer only: GQA takes each row's length from its position). The caller then keeps the
-        rows' lengths, and cache.length is not advanced.
+        rows' lengths, and cache.length is not advanced. `scoring`: every position computes what a decode step
+        would (perplexity). `inputs`: values for inputs of the interface, by name (they stay bound on a shared
+        cache's binding).
         """
+        return self._step(token_ids, cache, positions, last_only, scoring, None, inputs)[0]
+
+    def step_reading(self, token_ids: np.ndarray, cache: KVCache, feature: str):
+        """`step`, also returning what the step extension of `feature` read back (e.g. attention_probs: each
+        layer's probabilities (batch, num_heads, seq, >= cache.length) over the cache's slots)."""
+        if not any(e.feature == feature for e in self.extensions):
+            needs = EXTENSIONS[feature].needs if feature in EXTENSIONS else "a pass that declares it"
+            raise OnnxlmError(f"this artifact has no {feature.replace('_', ' ')} outputs: build it with {needs}")
+        return self._step(token_ids, cache, None, False, False, feature, None)
+
+    def _step(self, token_ids, cache, positions, last_only, scoring, want, inputs):
         batch, seq = token_ids.shape
-        if seq == 1 and positions is None and cache.shared and not (self.halting or self.sparse_switch):
-            return self._decode_step(token_ids, cache)
-        if self.probs_names and seq > PROBS_CHUNK and positions is None:
-            chunks = [self.step(token_ids[:, i : i + PROBS_CHUNK], cache, last_only=last_only)
-                      for i in range(0, seq, PROBS_CHUNK)]
-            return chunks[-1] if last_only else np.concatenate(chunks, axis=1)
+        if seq == 1 and positions is None and cache.shared and self.hot and want is None and not inputs:
+            return self._decode_step(token_ids, cache), None
+        limit = self.max_step_tokens
+        if limit and seq > limit and positions is None:
+            if want is not None:
+                raise OnnxlmError(f"a step that reads {want} takes at most {limit} tokens, got {seq}")
+            chunks = [self._step(token_ids[:, i : i + limit], cache, None, last_only, scoring, None, inputs)[0]
+                      for i in range(0, seq, limit)]
+            return (chunks[-1] if last_only else np.concatenate(chunks, axis=1)), None
         ragged = positions is not None
         if ragged and not (cache.shared and seq == 1):
             raise OnnxlmError("per-row positions need a GroupQueryAttention graph and one new token per row")
@@ -138,49 +167,38 @@ class DecoderSession:
                                   f"{self.info.context_length}")
             cache.check_room(seq)
             total = cache.length + seq
-            self._check_offset(cache)
             positions = np.broadcast_to(np.arange(first, first + seq, dtype=np.int64), (batch, seq)).copy()
-        io = self._binding(cache)
-        first_slot = cache.length
-        if self.halting:
-            if ragged:
-                raise OnnxlmError("token halting runs one request at a time")
-            self._bind_halting(io, cache)
-        if self.sparse_switch:
-            cache.switch_value = ort_value(np.array(cache.sparse_all_positions))  # kept alive while bound
-            io.bind_ortvalue_input("sparsify_all_positions", cache.switch_value)
-        io.bind_cpu_input("input_ids", np.ascontiguousarray(token_ids, dtype=np.int64))
-        if self.keep_switch:  # bound on every step of this path: the binding outlives it
-            io.bind_ortvalue_input("logits_to_keep", self.keep_values[int(last_only)])
+        binding = self._binding(cache)
+        step = StepInfo(batch, seq, cache.length, last_only, scoring, ragged, want)
+        for extension in self.extensions:
+            extension.bind(binding, cache, step)
+        for name, value in (inputs or {}).items():
+            binding.bind_input(name, value)
+        binding.io.bind_cpu_input("input_ids", np.ascontiguousarray(token_ids, dtype=np.int64))
         if "attention_mask" in self.input_names:
-            io.bind_cpu_input("attention_mask", np.ones((batch, total), np.int64))
+            binding.io.bind_cpu_input("attention_mask", np.ones((batch, total), np.int64))
         if "position_ids" in self.input_names:
-            io.bind_cpu_input("position_ids", positions)
+            binding.io.bind_cpu_input("position_ids", positions)
         if seq == 1:  # decode: ORT writes into the cache's buffer; no allocation, no copy
             feeds = self._feeds(cache, batch)
             logits = feeds.logits
-            io.bind_ortvalue_output("logits", feeds.logits_value)
+            binding.bind_output("logits", feeds.logits_value)
         else:  # prefill: ORT's arena reuses its memory across requests; a fresh 100 MB array would page-fault
-            io.bind_output("logits", "cpu")
-        self.session.run_with_iobinding(io)
-        if self.halting:
-            self._record_halting(io, cache, first_slot)
+            binding.bind_output("logits", "cpu")
+        self.session.run_with_iobinding(binding.io)
+        for extension in self.extensions:
+            extension.collect(binding, cache, step)
         if cache.shared and seq == 1:  # the hot path: nothing to fetch, the buffers were written in place
             if not ragged:
                 cache.advance(None, seq)
-            return logits
-        outputs = io.get_outputs()  # [logits, *presents, *probs] in binding order
+            return logits, step.result
+        outputs = binding.io.get_outputs()  # [logits, *presents, ...]: _binding binds them first, in this order
         presents = outputs[1 : 1 + len(self.kv_output_names)]
         cache.advance(None if cache.shared else presents, seq)
         if seq == 1:
-            return logits
-        return outputs[0].numpy()[:, -1:] if last_only else outputs[0].numpy()  # a view when the graph kept one row
-
-    def _check_offset(self, cache: KVCache) -> None:
-        """Tokens evicted while the kept ones keep their positions (cache.offset) need positions apart from slots."""
-        if cache.offset and not self.separate_positions:
-            raise OnnxlmError("this graph reads cache slots from position_ids: positions past the slots need "
-                              "an artifact built with `onnxlm optimize ... --kv-scores`")
+            return logits, step.result
+        logits = outputs[0].numpy()
+        return (logits[:, -1:] if last_only else logits), step.result  # a view when the graph kept one row
 
     def _feeds(self, cache: KVCache, batch: int) -> DecodeFeeds:
         if cache.decode_feeds is None or cache.decode_feeds.ids.shape[0] != batch:
@@ -192,11 +210,10 @@ class DecoderSession:
         written into preallocated arrays and bound by pointer; ORT writes K/V and logits in place."""
         batch = token_ids.shape[0]
         cache.check_room(1)
-        self._check_offset(cache)
         feeds = self._feeds(cache, batch)
         feeds.ids[:] = token_ids
         feeds.positions[:] = cache.length + cache.offset
-        io = self._binding(cache)
+        io = self._binding(cache).io
         io.bind_cpu_input("input_ids", feeds.ids)
         if "attention_mask" in self.input_names:
             io.bind_cpu_input("attention_mask", feeds.mask(batch, cache.length + 1))
@@ -207,47 +224,26 @@ class DecoderSession:
         cache.advance(None, 1)
         return feeds.logits
 
-    def step_probs(self, token_ids: np.ndarray, cache: KVCache) -> tuple[np.ndarray, list[np.ndarray]]:
-        """`step`, also returning each layer's attention probabilities (batch, num_heads, seq, >= cache.length)
-        over the cache's slots: the scores of the H2O and VEDA eviction policies (a --kv-scores artifact)."""
-        if not self.probs_names:
-            raise OnnxlmError("this artifact has no attention probability outputs: build it with "
-                              "`onnxlm optimize ... --kv-scores`")
-        if not cache.shared:
-            raise OnnxlmError("attention probabilities need a GroupQueryAttention graph")
-        io = self._binding(cache)
-        for name in self.probs_names:  # anew each step: the shape changes, and a fetched output stays bound
-            io.bind_output(name, "cpu")
-        logits = self.step(token_ids, cache)
-        probs = io.get_outputs()[-len(self.probs_names):]
-        return logits, [p.numpy() for p in probs]
-
-    def _bind_halting(self, io, cache: KVCache) -> None:
-        """QuickSilver graphs: which cached tokens skipped which layers, and the drift threshold."""
-        io.bind_cpu_input("past_halted", np.ascontiguousarray(cache.halted[:, :, : cache.length]))
-        io.bind_cpu_input("halt_threshold", np.array(cache.halt_threshold, np.float32))
-        io.bind_output("halted", "cpu")  # anew each step: its shape changes
-
-    def _record_halting(self, io, cache: KVCache, first_slot: int) -> None:
-        halted = io.get_outputs()[-1].numpy()  # (batch, layers, seq), bound last
-        cache.halted[:, :, first_slot : first_slot + halted.shape[2]] = halted
-        cache.layers_skipped += int(halted.sum())
-        cache.layers_run += halted.size
-
-    def _binding(self, cache: KVCache):
+    def _binding(self, cache: KVCache) -> Binding:
         """The IO binding for this step. A shared cache keeps one, its buffers bound once as past and present;
         a growing cache binds the last step's presents as this step's past."""
         if cache.shared and cache.binding is not None:
             return cache.binding
-        io = self.session.io_binding()
+        binding = Binding(self.session)
         for name, value in zip(self.kv_input_names, cache.values):
-            io.bind_ortvalue_input(name, value)
-        io.bind_output("logits", "cpu")
+            binding.io.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
         for name, value in zip(self.kv_output_names, cache.values):
-            if cache.shared:
-                io.bind_ortvalue_output(name, value)  # the same buffer as the past: written in place
-            else:
-                io.bind_output(name, "cpu")
+            # shared: the same buffer as the past, written in place
+            binding.bind_output(name, value if cache.shared else self.backend.device)
         if cache.shared:
-            cache.binding = io
-        return io
+            cache.binding = binding
+        return binding
+
+    def stats(self, cache: KVCache) -> dict[str, int]:
+        """The step extensions' counts for one cache's run (summed by a perplexity over its windows)."""
+        return {k: v for e in self.extensions for k, v in e.stats(cache).items()}
+
+    def report(self, totals: dict[str, int], options: dict) -> dict:
+        """What the step extensions say about a run, from its summed `stats` and the cache options it ran with."""
+        return {k: v for e in self.extensions for k, v in e.report(totals, options).items()}

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from onnxlm.errors import OnnxlmError
-from onnxlm.runtime.generate import check_lengths
+from onnxlm.runtime.execution import check_lengths
 from onnxlm.runtime.sampling import Sampler, draw
 from onnxlm.runtime.session import DecoderSession
 

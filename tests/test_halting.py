@@ -50,8 +50,9 @@ def test_halting_matches_torch_in_prefill_and_decode(four_layers, four_layer_hf,
     prefill = model.step(np.asarray([ids[:-3]], np.int64), cache)[0]  # (seq - 3, vocab)
     decoded = [model.step(np.asarray([[t]], np.int64), cache)[0, -1].copy() for t in ids[-3:]]
     np.testing.assert_allclose(np.vstack([prefill, decoded]), expected, atol=2e-4)
-    np.testing.assert_array_equal(cache.halted[0], expected_halted)
-    assert cache.layers_skipped == expected_halted.sum() and cache.layers_run == expected_halted.size
+    state = cache.state["token_halting"]
+    np.testing.assert_array_equal(state.halted[0], expected_halted)
+    assert state.skipped == expected_halted.sum() and state.run == expected_halted.size
 
 
 def test_halt_threshold_needs_the_quicksilver_graph(tiny_artifact, four_layers, tmp_path):

@@ -46,7 +46,7 @@ def test_expose_attention_is_lossless_and_returns_probabilities(scores_artifact)
     model = scores_artifact.session
     cache = model.new_cache(capacity=16)
     ids = text_ids(scores_artifact, 6)
-    _, probs = model.step_probs(np.asarray([ids], np.int64), cache)
+    _, probs = model.step_reading(np.asarray([ids], np.int64), cache, "attention_probs")
     assert len(probs) == 2
     rows = probs[0][0, :, :, :6]  # (heads, 6, 6)
     np.testing.assert_allclose(rows.sum(-1), 1.0, atol=1e-5)
@@ -54,9 +54,7 @@ def test_expose_attention_is_lossless_and_returns_probabilities(scores_artifact)
 
 
 def test_long_steps_on_the_scores_graph_run_in_chunks(tiny_artifact, scores_artifact, monkeypatch):
-    import onnxlm.runtime.session as session
-
-    monkeypatch.setattr(session, "PROBS_CHUNK", 16)  # a 40-token step becomes 16 + 16 + 8
+    monkeypatch.setattr(scores_artifact.session, "max_step_tokens", 16)  # a 40-token step becomes 16 + 16 + 8
     ids = np.asarray([text_ids(tiny_artifact, 40)], np.int64)
     chunked_cache = scores_artifact.session.new_cache(capacity=40)
     chunked = scores_artifact.session.step(ids, chunked_cache)

@@ -263,7 +263,7 @@ def test_optimize_sparsity_and_eval_score_the_sparse_path(tiny_hf_dir, tmp_path,
     assert code == 0, err
     art = load(out)
     names = [r["name"] for r in art.manifest["passes"]]
-    assert names[-3:] == ["rotate_residual", "topk_sparsify", "logits_to_keep"] and art.session.sparse_switch
+    assert names[-3:] == ["rotate_residual", "topk_sparsify", "logits_to_keep"] and art.session.interface.has("score_as_decoded")
     ids = art.tokenizer.encode(TEXT * 6, add_bos=False)
     session = open_session(out / "model.onnx")
     sparse = session_perplexity(session, art.info, ids, window=64, extra={SWITCH: np.array(True)})

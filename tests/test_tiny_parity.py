@@ -26,7 +26,7 @@ def test_logits_to_keep_runs_the_head_on_the_last_row_only(tiny_any_artifact):
     session = tiny_any_artifact.session
     report = next(r for r in tiny_any_artifact.manifest["passes"] if r["name"] == "logits_to_keep")
     assert report["matched"] == {"lm_head_slice": 1} and report["check"]["max_abs_logit_diff"] == 0
-    assert session.keep_switch and "logits_to_keep" not in {i.name for i in session.session.get_inputs()}
+    assert session.interface.has("logits_to_keep") and "logits_to_keep" not in {i.name for i in session.session.get_inputs()}
     ids = np.array([[5, 6, 7, 8, 9, 10]])
     full_cache, last_cache = session.new_cache(capacity=16), session.new_cache(capacity=16)
     full = session.step(ids, full_cache)  # (1, 6, vocab)

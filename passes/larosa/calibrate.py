@@ -42,7 +42,8 @@ def second_moments(model, values: list, ctx: PassContext, tokens: int) -> tuple[
     count = 0
     for window in windows_of(ids, WINDOW):
         tokens_arr = np.asarray([window], np.int64)
-        for h, x in zip(moments, session.run(names, feeds_for(session, ctx.info, tokens_arr, 0, None))):
+        for h, x in zip(moments, session.run(names, feeds_for(session, ctx.info, tokens_arr, 0, None,
+                                                                      interface=ctx.interface))):
             x = x.reshape(-1, x.shape[-1]).astype(np.float64)  # (seq, d)
             h += x.T @ x
         count += len(window)

@@ -27,6 +27,7 @@ import numpy as np
 
 from onnxlm.errors import OnnxlmError
 from onnxlm.passes.base import Pass, PassContext
+from onnxlm.interface import Port
 from onnxlm.passes.constants import add_initializer, add_overridable_input
 from onnxlm.passes.larosa.structure import constant_matmul_weight, find_decoder
 
@@ -48,6 +49,11 @@ class TopkSparsify(Pass):
     name = "topk_sparsify"
     Options = TopkSparsifyOptions
     lossless = False
+
+    def ports(self, info):
+        return [Port(SWITCH, "input", "bool", (), feature="score_as_decoded", role="switch", default=False,
+                     optional=True, meaning="top-k on every position, not only in decode: a prefill then scores "
+                                            "what decoding token by token computes")]
 
     def validate(self) -> None:
         s = self.options.sparsity
@@ -166,5 +172,6 @@ def sparse_ppl(model, ctx: PassContext) -> dict:
     path = ctx.scratch / "larosa_sparse.onnx"
     ir.save(model, path, external_data="larosa_sparse.onnx.data")
     session = open_session(path)
-    ppl = session_perplexity(session, ctx.info, ctx.calibration_ids, extra={SWITCH: np.array(True)})
+    ppl = session_perplexity(session, ctx.info, ctx.calibration_ids, extra={SWITCH: np.array(True)},
+                             interface=ctx.interface)
     return {"ppl_after": ppl, "ppl_after_feeds": {SWITCH: True}}

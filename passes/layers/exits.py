@@ -37,6 +37,9 @@ class EarlyExit(Pass):
     name = "early_exit"
     Options = EarlyExitOptions
 
+    def features(self):
+        return ["early_exit"]  # the artifact's exits/ segments (runtime/early_exit.py)
+
     def run(self, model, ctx: PassContext):
         import onnx_ir as ir
 

@@ -26,6 +26,7 @@ import dataclasses
 import numpy as np
 
 from onnxlm.errors import OnnxlmError
+from onnxlm.interface import Port
 from onnxlm.passes.base import Pass, PassContext
 from onnxlm.passes.constants import add_initializer
 from onnxlm.passes.layers.residual import fused_residual_chain
@@ -43,6 +44,17 @@ class HaltingOptions:
 class QuickSilverHalting(Pass):
     name = "quicksilver_halting"
     Options = HaltingOptions
+
+    def ports(self, info):
+        feature = "token_halting"
+        return [
+            Port("halt_threshold", "input", "float32", (), feature, "threshold", default=0.0,
+                 meaning="a token halts once a layer moves its residual by less than this x its norm; 0: never"),
+            Port("past_halted", "input", "bool", ("batch", "layers", "past"), feature, "past", default=False,
+                 meaning="which cached tokens skipped which layers"),
+            Port("halted", "output", "bool", ("batch", "layers", "seq"), feature, "halted",
+                 meaning="which layers each new token skipped"),
+        ]
 
     def validate(self) -> None:
         if self.options.min_layer < 1:

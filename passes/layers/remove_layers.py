@@ -104,7 +104,7 @@ class LayerProbe:
 
         from onnxlm.passes.evaluate import feeds_for, open_session, windows_of
 
-        self.layers, self.info, self.ids = ctx.info.num_layers, ctx.info, ids
+        self.layers, self.info, self.ids, self.interface = ctx.info.num_layers, ctx.info, ids, ctx.interface
         probe = model.clone()
         graph = probe.graph
         stream = residual_stream(graph, self.layers)
@@ -129,7 +129,8 @@ class LayerProbe:
         self.session = open_session(path)
         self.hidden_names = [stream[2 * layer].name for layer in range(self.layers + 1)]
         self.windows = windows_of(ids, 512)
-        self.feeds = [feeds_for(self.session, ctx.info, np.asarray([w], np.int64), 0, None, {"layer_skip"})
+        self.feeds = [feeds_for(self.session, ctx.info, np.asarray([w], np.int64), 0, None, {"layer_skip"},
+                                ctx.interface)
                       for w in self.windows]
 
     def mask(self, skipped: list[int]) -> np.ndarray:
@@ -144,7 +145,8 @@ class LayerProbe:
     def ppl(self, skipped: list[int]) -> float:
         from onnxlm.passes.evaluate import session_perplexity
 
-        return session_perplexity(self.session, self.info, self.ids, 512, {"layer_skip": self.mask(skipped)})
+        return session_perplexity(self.session, self.info, self.ids, 512, {"layer_skip": self.mask(skipped)},
+                                  self.interface)
 
     def block_influence(self) -> list[float]:
         """1 - mean cos(h_in, h_out) per layer, over every calibration token."""

@@ -20,6 +20,7 @@ import dataclasses
 import numpy as np
 
 from onnxlm.errors import OnnxlmError
+from onnxlm.interface import Port
 from onnxlm.passes.base import Pass, PassContext
 from onnxlm.passes.constants import add_initializer
 
@@ -35,6 +36,16 @@ class ExposeAttentionOptions:
 class ExposeAttention(Pass):
     name = "expose_attention"
     Options = ExposeAttentionOptions
+
+    def features(self):
+        return ["kv_positions"]  # position_ids are rotary positions, apart from the cache slots in use
+
+    def ports(self, info):
+        if not self.options.probs:
+            return []
+        return [Port(PROBS_OUTPUT.replace("{}", "{layer}"), "output", "float32", ("batch", "heads", "seq", "total"),
+                     feature="attention_probs", role="probs",
+                     meaning="each layer's post-softmax attention over the cache slots (H2O / VEDA scores)")]
 
     def run(self, model, ctx: PassContext):
         import onnx_ir as ir

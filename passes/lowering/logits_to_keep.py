@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnxlm.errors import OnnxlmError
+from onnxlm.interface import Port
 from onnxlm.passes.base import Pass, PassContext
 from onnxlm.passes.constants import add_initializer, add_overridable_input
 from onnxlm.passes.quant.linears import is_lm_head
@@ -25,6 +26,10 @@ INPUT = "logits_to_keep"
 
 class LogitsToKeep(Pass):
     name = "logits_to_keep"
+
+    def ports(self, info):
+        return [Port(INPUT, "input", "int64", (), feature="logits_to_keep", role="count", default=0, optional=True,
+                     meaning="the LM head runs on the last k positions only; 0: on every position")]
 
     def run(self, model, ctx: PassContext):
         import onnx_ir as ir

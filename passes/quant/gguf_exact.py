@@ -213,7 +213,7 @@ def choose_accuracy_level(model, nodes: list, ctx: PassContext, max_ppl_increase
         path = ctx.scratch / f"accuracy_level_{level}.onnx"
         ir.save(model, path, external_data=path.name + ".data")
         sessions[level] = open_session(path)
-        ppl[level] = session_perplexity(sessions[level], ctx.info, ctx.calibration_ids)
+        ppl[level] = session_perplexity(sessions[level], ctx.info, ctx.calibration_ids, interface=ctx.interface)
     seconds = dict(zip(sessions, decode_step_seconds(list(sessions.values()), ctx.info)))
     # int8 activations only within the PPL budget, and only when clearly faster: a choice that flips with the
     # machine's noise would make the same recipe give different artifacts from one build to the next

@@ -151,7 +151,7 @@ class QuantNested(Pass):
         """unit -> bits -> mean calibration NLL with every body linear at int8 and only that unit at `bits`."""
         import onnx_ir as ir
 
-        from onnxlm.metrics import window_nll
+        from onnxlm.metrics import perplexity
         from onnxlm.passes.evaluate import feeds_for, open_session, windows_of
 
         o = self.options
@@ -171,16 +171,14 @@ class QuantNested(Pass):
         ir.save(probe, path, external_data="nested_probe.onnx.data")
         session = open_session(path)
         base = {names[n]: dequant(*codes[n], 8, o.block_size) for n in names}
-        token_feeds = [feeds_for(session, ctx.info, np.asarray([w], np.int64), 0, None, set(base))
-                       for w in windows]
+        token_feeds = {id(w): feeds_for(session, ctx.info, np.asarray([w], np.int64), 0, None, set(base),
+                                        ctx.interface) for w in windows}
 
         def nll(weights: dict) -> float:
-            total, count = 0.0, 0
-            for feeds, w in zip(token_feeds, windows):
-                logits = session.run(["logits"], {**feeds, **weights})[0][0]
-                total += window_nll(logits[:-1], np.asarray(w[1:]))
-                count += len(w) - 1
-            return total / count
+            def window_logits(w):
+                yield session.run(["logits"], {**token_feeds[id(w)], **weights})[0][0]  # (seq, vocab)
+
+            return perplexity(windows, window_logits)["nll"]
 
         reference = nll(base)
         costs = {}

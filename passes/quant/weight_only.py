@@ -12,7 +12,6 @@ changes. Lossy: the manager reports the PPL cost; the pass reports the weight er
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import numpy as np
@@ -74,7 +73,7 @@ def calibration_feeds(model, ctx: PassContext, samples: int, window: int) -> lis
     path = ctx.scratch / "calibration.onnx"
     ir.save(model, path, external_data="calibration.onnx.data")
     session = open_session(path)
-    return [feeds_for(session, ctx.info, np.asarray([w], np.int64), 0, None) for w in ids]
+    return [feeds_for(session, ctx.info, np.asarray([w], np.int64), 0, None, interface=ctx.interface) for w in ids]
 
 
 def replace_graph(model, new_model) -> None:
