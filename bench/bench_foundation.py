@@ -19,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import onnxlm  # noqa: E402
 from onnxlm.runtime.bench import NEW_TOKENS, PREFILL_TOKENS, PROMPT_TOKENS, bench_prompt, time_generation, time_prefill  # noqa: E402
+from onnxlm.runtime.decoding import executor_for  # noqa: E402
 
 from common import GPL3, ROOT, dir_size, machine, publish  # noqa: E402
 
@@ -99,10 +100,11 @@ def main() -> None:
 
     short = bench_prompt(art.tokenizer, PROMPT_TOKENS)
     long = bench_prompt(art.tokenizer, PREFILL_TOKENS)
-    time_generation(art.session, short, 4), hf_generation(hf, short)  # warm-up both
+    executor = executor_for(art.session)
+    time_generation(executor, short, 4), hf_generation(hf, short)  # warm-up both
     rows = {"onnxlm": {"ttft": [], "decode": [], "prefill": []}, "transformers": {"ttft": [], "decode": [], "prefill": []}}
     for i in range(args.runs):  # round-robin, so drift on a shared machine hits both sides alike
-        t, d = time_generation(art.session, short, NEW_TOKENS)
+        t, d = time_generation(executor, short, NEW_TOKENS)
         rows["onnxlm"]["ttft"].append(t), rows["onnxlm"]["decode"].append(d)
         rows["onnxlm"]["prefill"].append(time_prefill(art.session, long))
         t, d = hf_generation(hf, short)

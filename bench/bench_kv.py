@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 import onnxlm  # noqa: E402
 from onnxlm.metrics import window_nll  # noqa: E402
 from onnxlm.runtime.bench import bench_prompt, time_generation  # noqa: E402
+from onnxlm.runtime.decoding import executor_for  # noqa: E402
 from onnxlm.runtime.bounded_cache import bounded_perplexity, policy_step, start  # noqa: E402
 from onnxlm.runtime.kv_policy import KVPolicyConfig  # noqa: E402
 
@@ -122,7 +123,7 @@ def speed_part(runs: int, threads: int, context: int) -> None:
         "h2o 512 (--kv-scores graph)": (scores, KVPolicyConfig("h2o", 512)),
         "veda 512 (--kv-scores graph)": (scores, KVPolicyConfig("veda", 512)),
     }
-    calls = {name: (lambda art=art, kv=kv: time_generation(art.session, prompt, 128, kv))
+    calls = {name: (lambda art=art, kv=kv: time_generation(executor_for(art.session, kv), prompt, 128))
              for name, (art, kv) in systems.items()}
     results = round_robin(calls, runs)
     med = medians(results)
@@ -180,12 +181,13 @@ def halting_part(thresholds: list[float], threads: int, runs: int) -> None:
                 logits = art.session.step(np.asarray([window], np.int64), cache)[0]
                 nll += window_nll(logits[:-1], np.asarray(window[1:]))
                 scored += len(window) - 1
-                halted = cache.halted[0, :, : len(window)]
+                halted = cache.state["token_halting"].halted[0, :, : len(window)]
                 s, t = halting_flops(halted, art.info, params)
                 skipped, total = skipped + s, total + t
                 layer_total += t - len(window) * 2 * art.info.hidden_size * art.info.vocab_size
                 halted_sum += int(halted.sum())
-            speed = sorted(time_generation(art.session, short, 128, halt_threshold=tau)[1] for _ in range(runs))
+            speed = sorted(time_generation(executor_for(art.session, halt_threshold=tau), short, 128)[1]
+                           for _ in range(runs))
             lines.append(f"| {label} | {tau} | {math.exp(nll / scored):.3f} | "
                          f"{halted_sum / (art.info.num_layers * len(ids)):.1%} | {skipped / layer_total:.1%} | "
                          f"{skipped / total:.1%} | {speed[len(speed) // 2]:.1f} |")

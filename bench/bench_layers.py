@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 
 import onnxlm  # noqa: E402
 from onnxlm.runtime.bench import NEW_TOKENS, PROMPT_TOKENS, bench_prompt, time_generation  # noqa: E402
+from onnxlm.runtime.decoding import executor_for  # noqa: E402
 from onnxlm.runtime.decoding import Decoding  # noqa: E402
 
 from common import GPL3, ROOT, machine, median_ratio, medians, publish, round_robin  # noqa: E402
@@ -140,9 +141,9 @@ def main() -> None:
                              "exit_rate": scored["exit_rate"], "layer": scored["exit_layer"]}
         print(f"exit {t}", rows[f"exit {t}"], flush=True)
     short = bench_prompt(tokenizer, PROMPT_TOKENS)
-    timed = {n: (lambda a=a: time_generation(a.session, short, NEW_TOKENS)) for n, a in arts.items()}
-    timed.update({f"exit {t}": (lambda t=t: time_generation(exiting.session, short, NEW_TOKENS,
-                                                            exits=(exiting.exit_segments(), t)))
+    timed = {n: (lambda a=a: time_generation(executor_for(a.session), short, NEW_TOKENS)) for n, a in arts.items()}
+    timed.update({f"exit {t}": (lambda t=t: time_generation(
+        executor_for(exiting.session, exit_threshold=t, exits=exiting.exit_segments()), short, NEW_TOKENS))
                   for t in args.exit_thresholds})
     runs = round_robin(timed, args.runs)
     speeds = medians(runs)

@@ -115,8 +115,9 @@ def genai_prefill(model, prompt: list[int]) -> float:
 def onnxlm_timing(art, short: list[int], long: list[int]) -> tuple[float, float, float]:
     """(TTFT s, decode tok/s, prefill s) of an onnxlm artifact, as `onnxlm bench` defines them."""
     from onnxlm.runtime.bench import NEW_TOKENS, time_generation, time_prefill
+    from onnxlm.runtime.decoding import executor_for
 
-    ttft, decode = time_generation(art.session, short, NEW_TOKENS)
+    ttft, decode = time_generation(executor_for(art.session), short, NEW_TOKENS)
     return ttft, decode, time_prefill(art.session, long)
 
 
