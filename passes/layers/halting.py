@@ -26,7 +26,7 @@ import dataclasses
 import numpy as np
 
 from onnxlm.errors import OnnxlmError
-from onnxlm.passes.base import Pass, PassContext
+from onnxlm.passes.base import FUSED, Pass, PassContext
 from onnxlm.passes.constants import add_initializer
 from onnxlm.passes.layers.residual import fused_residual_chain
 
@@ -42,6 +42,7 @@ class HaltingOptions:
 
 class QuickSilverHalting(Pass):
     name = "quicksilver_halting"
+    requires = (FUSED,)
     Options = HaltingOptions
 
     def validate(self) -> None:

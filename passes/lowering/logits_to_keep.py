@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnxlm.errors import OnnxlmError
-from onnxlm.passes.base import Pass, PassContext
+from onnxlm.passes.base import UNSLICED_HEAD, Pass, PassContext
 from onnxlm.passes.constants import add_initializer, add_overridable_input
 from onnxlm.passes.quant.linears import is_lm_head
 
@@ -25,6 +25,7 @@ INPUT = "logits_to_keep"
 
 class LogitsToKeep(Pass):
     name = "logits_to_keep"
+    removes = (UNSLICED_HEAD,)
 
     def run(self, model, ctx: PassContext):
         import onnx_ir as ir
