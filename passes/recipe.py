@@ -1,10 +1,10 @@
 """A recipe is data: a name, a one-line description and an ordered list of passes with options.
 
-    {"name": "fp32", "description": "...", "passes": [{"pass": "cleanup"}]}
+    {"name": "fp32", "description": "...", "extends": "lowered", "passes": [{"pass": "logits_to_keep"}]}
 
-Built-in recipes live in passes/recipes/*.json; any other JSON file of the same form is a recipe too. A recipe is
-checked when it is built: each pass must find the graph forms it requires (base.py's GRAPH_FORMS) after the
-passes before it.
+`extends` names a built-in recipe whose passes come first (it may extend another in turn). Built-in recipes live
+in passes/recipes/*.json; any other JSON file of the same form is a recipe too. A recipe is checked when it is
+built: each pass must find the graph forms it requires (base.py's GRAPH_FORMS) after the passes before it.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ class Recipe:
     passes: list[Pass]
 
     def to_dict(self) -> dict:
+        """The resolved recipe (`extends` expanded): what the artifact records, and loads again as it is."""
         return {"name": self.name, "description": self.description, "passes": [p.to_dict() for p in self.passes]}
 
     def check_fits(self, info) -> None:
@@ -65,14 +66,11 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: dict, origin: str) -> Recipe:
-        if not isinstance(data, dict) or not isinstance(data.get("passes"), list):
-            raise OnnxlmError(f"recipe {origin} must be a JSON object with a 'passes' list")
-        check(data, RECIPE, f"recipe {origin}")
-        reject_unknown_keys(data, RECIPE_KEYS, f"recipe {origin}")
+        checked_data(data, origin)
         recipe = cls(
             name=str(data.get("name", Path(origin).stem)),
             description=str(data.get("description", "")),
-            passes=[make_pass(spec) for spec in data["passes"]],
+            passes=[make_pass(spec) for spec in resolved_passes(data, origin)],
         )
         return recipe.checked()
 
@@ -96,6 +94,33 @@ def order_error(passes: list[Pass]) -> str | None:
         forms.update(p.provides)
         ended.update({form: (step, p.name) for form in p.removes})
     return None
+
+
+def checked_data(data, origin: str) -> dict:
+    """`data`, once it has the shape of a recipe (schema.RECIPE)."""
+    if not isinstance(data, dict) or not isinstance(data.get("passes"), list):
+        raise OnnxlmError(f"recipe {origin} must be a JSON object with a 'passes' list")
+    check(data, RECIPE, f"recipe {origin}")
+    reject_unknown_keys(data, RECIPE_KEYS, f"recipe {origin}")
+    return data
+
+
+def resolved_passes(data: dict, origin: str) -> list[dict]:
+    """The recipe's pass entries after those of the built-in recipes it extends, recursively."""
+    passes, chain = list(data["passes"]), []
+    while "extends" in data:
+        base = data["extends"]
+        if base in chain:
+            raise OnnxlmError(f"recipe {origin}: its 'extends' go round in a cycle: {' -> '.join([*chain, base])}")
+        if base not in builtin_recipes():
+            known = ", ".join(builtin_recipes())
+            raise OnnxlmError(f"recipe {origin} extends '{base}', which is not a built-in recipe (built-in "
+                              f"recipes: {known})")
+        chain.append(base)
+        path = BUILTIN_DIR / f"{base}.json"
+        data = checked_data(read_json(path, "recipe"), str(path))
+        passes = [*data["passes"], *passes]
+    return passes
 
 
 def builtin_recipes() -> dict[str, str]:

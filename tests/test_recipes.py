@@ -1,5 +1,5 @@
-"""Recipes are data: they load, print and round-trip, and are checked for the graph forms every pass requires;
-options are typed."""
+"""Recipes are data: they load, print and round-trip, extend a built-in, and are checked for the graph forms
+every pass requires; options are typed."""
 
 import dataclasses
 import json
@@ -10,7 +10,7 @@ from onnxlm.api import with_layer_removal, with_pass
 from onnxlm.errors import OnnxlmError
 from onnxlm.passes.base import GRAPH_FORMS, parse_options
 from onnxlm.passes.larosa.recipe import with_sparsity
-from onnxlm.passes.recipe import Recipe, builtin_recipes, load_recipe
+from onnxlm.passes.recipe import BUILTIN_DIR, Recipe, builtin_recipes, load_recipe
 from onnxlm.passes.registry import PASSES, make_pass
 
 
@@ -53,6 +53,59 @@ def test_options_are_typed():
         parse_options("q", _Opts, {"block": 32})
 
 
+# Each built-in recipe's passes as they were written out in full before `extends` (commit 506e429).
+LOWERING = [
+    {"pass": "cleanup"}, {"pass": "fuse_rms_norm", "expect": "none"},
+    {"pass": "fuse_skip_rms_norm", "expect": "layers"}, {"pass": "fuse_rotary", "expect": "layers"},
+    {"pass": "fuse_gqa", "expect": "layers"}, {"pass": "pack_qkv"}, {"pass": "pack_gate_up"}, {"pass": "cleanup"},
+]
+KEEP = {"pass": "logits_to_keep"}
+ROTATE = {"pass": "rotate_residual", "calibration_tokens": 2048, "damping": 0.01}
+RTN4 = {"pass": "quant_weight_only", "bits": 4, "block_size": 32, "symmetric": True, "accuracy_level": 4,
+        "method": "rtn"}
+SHARE = {"pass": "share_tied_embedding"}
+PASSES_BEFORE_EXTENDS = {
+    "early-exit": [*LOWERING, {"pass": "early_exit", "layer": 20}, KEEP],
+    "fp32": [*LOWERING, KEEP],
+    "fp32-plain": [{"pass": "cleanup"}, KEEP],
+    "int4": [*LOWERING, {"pass": "quant_gguf_exact", "accuracy_level": -1, "head_accuracy_level": 4,
+                         "max_ppl_increase": 0.5}, RTN4, SHARE, KEEP],
+    "int4-calibrated": [*LOWERING, {"pass": "quant_weight_only", "bits": 4, "block_size": 32, "symmetric": False,
+                                    "accuracy_level": 4, "method": "gptq"}, KEEP],
+    "int4-fast": [*LOWERING, {"pass": "quant_gguf_exact", "accuracy_level": 4, "head_accuracy_level": 4}, RTN4,
+                  SHARE, KEEP],
+    "int4-rtn": [*LOWERING, RTN4, SHARE, KEEP],
+    "int8": [*LOWERING, {"pass": "quant_weight_only", "bits": 8, "block_size": 32, "symmetric": True,
+                         "accuracy_level": 4}, SHARE, KEEP],
+    "int8-dynamic": [*LOWERING, {"pass": "quant_dynamic_int8", "per_channel": True, "keep_float": "lm_head"}, KEEP],
+    "larosa-rotate": [*LOWERING, ROTATE, KEEP],
+    "larosa-s25": [*LOWERING, ROTATE, {"pass": "topk_sparsify", "sparsity": 0.25}, KEEP],
+    "larosa-s40": [*LOWERING, ROTATE, {"pass": "topk_sparsify", "sparsity": 0.4}, KEEP],
+    "nested": [*LOWERING, {"pass": "quant_nested", "budget_bits": 4.0, "block_size": 32, "accuracy_level": 4,
+                           "lm_head_bits": 8}, SHARE, KEEP],
+    "quicksilver": [*LOWERING, {"pass": "quicksilver_halting", "min_layer": 4}, KEEP],
+}
+
+
+def test_builtin_recipes_extend_the_lowering_and_keep_their_passes():
+    assert set(builtin_recipes()) == {*PASSES_BEFORE_EXTENDS, "lowered"}
+    assert load_recipe("lowered").to_dict()["passes"] == [make_pass(s).to_dict() for s in LOWERING]
+    for name, specs in PASSES_BEFORE_EXTENDS.items():
+        assert load_recipe(name).to_dict()["passes"] == [make_pass(s).to_dict() for s in specs], name
+        written = json.loads((BUILTIN_DIR / f"{name}.json").read_text())
+        assert written.get("extends") == (None if name == "fp32-plain" else "lowered"), name
+
+
+def test_a_recipe_file_extends_a_builtin(tmp_path):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"name": "mine", "extends": "int8", "passes": [{"pass": "expose_attention"}]}))
+    recipe = load_recipe(str(path))
+    assert [p.name for p in recipe.passes] == [p.name for p in load_recipe("int8").passes] + ["expose_attention"]
+    # The manifest records the resolved passes, without `extends`: loading that back gives the same recipe.
+    assert "extends" not in recipe.to_dict()
+    assert Recipe.from_dict(recipe.to_dict(), "again").to_dict() == recipe.to_dict()
+
+
 def one_line_error(call, *words):
     with pytest.raises(OnnxlmError) as caught:
         call()
@@ -60,11 +113,29 @@ def one_line_error(call, *words):
     assert "\n" not in message and all(w in message for w in words), message
 
 
+def test_extends_must_name_a_builtin_without_a_cycle(tmp_path, monkeypatch):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"extends": "fp64", "passes": []}))
+    one_line_error(lambda: load_recipe(str(path)), "extends 'fp64', which is not a built-in recipe", "lowered")
+    path.write_text(json.dumps({"extends": ["fp32"], "passes": []}))
+    one_line_error(lambda: load_recipe(str(path)), "extends")
+    builtins = tmp_path / "builtin"
+    builtins.mkdir()
+    monkeypatch.setattr("onnxlm.passes.recipe.BUILTIN_DIR", builtins)
+    (builtins / "a.json").write_text(json.dumps({"extends": "b", "passes": [{"pass": "cleanup"}]}))
+    (builtins / "b.json").write_text(json.dumps({"extends": "a", "passes": []}))
+    (builtins / "c.json").write_text(json.dumps({"extends": "c", "passes": []}))
+    one_line_error(lambda: load_recipe("a"), "cycle: b -> a -> b")
+    one_line_error(lambda: load_recipe("c"), "cycle: c -> c")
+
+
 @pytest.mark.parametrize("recipe, words", [
     ({"passes": [{"pass": "cleanup"}, {"pass": "fuse_rms_norm"}, {"pass": "fuse_skip_rms_norm"},
                  {"pass": "remove_layers", "n": 1}]},
      ["recipe 'bad': pass 'remove_layers' at step 4 needs the plain export's residual Adds",
       "'fuse_skip_rms_norm' at step 3 ended that"]),
+    ({"extends": "fp32", "passes": [{"pass": "remove_layers", "n": 1}]},
+     ["pass 'remove_layers' at step 10 needs the plain export's residual Adds", "'fuse_skip_rms_norm' at step 3"]),
     ({"passes": [{"pass": "cleanup"}, {"pass": "quant_weight_only"}, {"pass": "rotate_residual"}]},
      ["pass 'rotate_residual' at step 3 needs float weights", "'quant_weight_only' at step 2 ended that"]),
     ({"passes": [{"pass": "cleanup"}, {"pass": "logits_to_keep"}, {"pass": "topk_sparsify"}]},
