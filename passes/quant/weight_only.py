@@ -12,7 +12,6 @@ changes. Lossy: the manager reports the PPL cost; the pass reports the weight er
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import numpy as np
