@@ -114,7 +114,7 @@ def resolved_passes(data: dict, origin: str) -> list[dict]:
             raise OnnxlmError(f"recipe {origin}: its 'extends' go round in a cycle: {' -> '.join([*chain, base])}")
         if base not in builtin_recipes():
             known = ", ".join(builtin_recipes())
-            raise OnnxlmError(f"recipe {origin} extends '{base}', which is not a built-in recipe (built-in "
+            raise OnnxlmError(f"recipe {origin} extends {base!r}, which is not a built-in recipe (built-in "
                               f"recipes: {known})")
         chain.append(base)
         path = BUILTIN_DIR / f"{base}.json"

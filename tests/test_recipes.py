@@ -117,6 +117,8 @@ def test_extends_must_name_a_builtin_without_a_cycle(tmp_path, monkeypatch):
     path = tmp_path / "r.json"
     path.write_text(json.dumps({"extends": "fp64", "passes": []}))
     one_line_error(lambda: load_recipe(str(path)), "extends 'fp64', which is not a built-in recipe", "lowered")
+    path.write_text(json.dumps({"extends": "fp32\nx", "passes": []}))
+    one_line_error(lambda: load_recipe(str(path)), "extends 'fp32\\nx', which is not a built-in recipe")
     path.write_text(json.dumps({"extends": ["fp32"], "passes": []}))
     one_line_error(lambda: load_recipe(str(path)), "extends")
     builtins = tmp_path / "builtin"
