@@ -38,10 +38,11 @@ def optimize(
     `overrides` sets options of the recipe's passes by pass name, e.g. {"quant_nested": {"budget_bits": 4.5}};
     `calibration` is a UTF-8 text file for calibrating passes and lossy-pass PPL reports (default: a short
     English text shipped with onnxlm). `remove_layers` N or `max_ppl_increase` X (percent) add the
-    `remove_layers` pass to the recipe, after its first cleanup. `self_draft_layers` N also writes
-    `output/draft/`: the same model built with `draft_recipe` (default: the same recipe) plus `remove_layers`
-    N, for self-speculative decoding. `kv_scores` appends the `expose_attention` pass (positions apart from
-    cache slots, attention probabilities as outputs): what the h2o and veda KV policies need.
+    `remove_layers` pass to the recipe where its graph forms first hold (after its first cleanup).
+    `self_draft_layers` N also writes `output/draft/`: the same model built with `draft_recipe` (default: the
+    same recipe) plus `remove_layers` N, for self-speculative decoding. `kv_scores` appends the
+    `expose_attention` pass (positions apart from cache slots, attention probabilities as outputs): what the h2o
+    and veda KV policies need.
 
     The whole artifact, draft included, is staged and moved into place in one rename (staging.py): a failed run
     writes nothing and leaves an existing artifact as it was. An existing artifact at `output` is replaced only
@@ -132,8 +133,8 @@ CALIBRATION_TEXT = Path(__file__).parent / "passes" / "data" / "calibration.txt"
 
 
 def with_layer_removal(recipe, n: int | None, max_ppl_increase: float | None):
-    """`recipe` with a `remove_layers` pass after its first cleanup (it needs the unfused graph)."""
-    from onnxlm.passes.recipe import Recipe
+    """`recipe` with a `remove_layers` pass as early as the graph forms it requires allow: once cleanup has
+    folded the graph, before the lowering fuses the residual Adds (after the first cleanup of every built-in)."""
     from onnxlm.passes.registry import make_pass
 
     if n is None and max_ppl_increase is None:
@@ -142,9 +143,7 @@ def with_layer_removal(recipe, n: int | None, max_ppl_increase: float | None):
         raise OnnxlmError(f"recipe '{recipe.name}' already removes layers")
     spec = {"pass": "remove_layers", **({"n": n} if n is not None else {}),
             **({"max_ppl_increase": float(max_ppl_increase)} if max_ppl_increase is not None else {})}
-    at = next((i + 1 for i, p in enumerate(recipe.passes) if p.name == "cleanup"), 0)
-    passes = [*recipe.passes[:at], make_pass(spec), *recipe.passes[at:]]
-    return Recipe(recipe.name, recipe.description, passes)
+    return recipe.inserting([make_pass(spec)], where="earliest")
 
 
 def with_lowering(recipe, backend):
@@ -158,13 +157,12 @@ def with_lowering(recipe, backend):
 
 
 def with_pass(recipe, spec: dict):
-    """`recipe` with one more pass at its end."""
-    from onnxlm.passes.recipe import Recipe
+    """`recipe` with one more pass, as late as the graph forms it requires allow (expose_attention: at the end)."""
     from onnxlm.passes.registry import make_pass
 
     if any(p.name == spec["pass"] for p in recipe.passes):
         raise OnnxlmError(f"recipe '{recipe.name}' already has the pass {spec['pass']}")
-    return Recipe(recipe.name, recipe.description, [*recipe.passes, make_pass(spec)])
+    return recipe.inserting([make_pass(spec)], where="latest")
 
 
 def apply_overrides(recipe, overrides: dict[str, dict]):

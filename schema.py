@@ -151,8 +151,8 @@ MODEL_INFO = {
     "intermediate_size": Opt(NonNegative),
 }
 
-RECIPE = {"name": Opt(str), "description": Opt(str), "passes": [dict]}
-RECIPE_KEYS = ("name", "description", "passes")
+RECIPE = {"name": Opt(str), "description": Opt(str), "extends": Opt(str), "passes": [dict]}
+RECIPE_KEYS = ("name", "description", "extends", "passes")
 
 # A pass's check: the logit bound of a lossless pass, the PPL cost and measurements of a lossy one.
 PASS_CHECK = {

@@ -18,6 +18,25 @@ from onnxlm.interface import Interface
 from onnxlm.model_info import ModelInfo
 
 
+# Graph forms: the properties of a graph that passes require and change (Pass.requires / provides / removes). A
+# recipe is checked against them when it is built (recipe.py): from INITIAL_FORM, each pass must find what it
+# requires; then its `removes` end and its `provides` begin. They are coarse on purpose, one per way a pass can be
+# put in the wrong place; the passes still check the graph they get when they run.
+FOLDED = "folded"  # cleanup has run: constants folded, weights are initializers (the raw export reads Transpose(W))
+PLAIN = "plain"  # the export's residual stream, a chain of Adds (fuse_skip_rms_norm fuses them into the norms)
+FUSED = "fused"  # lowered to ORT's LLM ops: a GroupQueryAttention per layer (fuse_gqa)
+FLOAT_WEIGHTS = "float_weights"  # the linears are float MatMuls and the embedding a float table (before quantizing)
+UNSLICED_HEAD = "unsliced_head"  # the LM head reads the final norm at every position (before logits_to_keep)
+GRAPH_FORMS = {  # form -> how an error names it
+    FOLDED: "a folded graph (constants folded, weights as initializers)",
+    PLAIN: "the plain export's residual Adds (before the lowering passes fuse them)",
+    FUSED: "the lowered graph (GroupQueryAttention)",
+    FLOAT_WEIGHTS: "float weights (before quantization)",
+    UNSLICED_HEAD: "the LM head on every position (before logits_to_keep)",
+}
+INITIAL_FORM = frozenset({PLAIN, FLOAT_WEIGHTS, UNSLICED_HEAD})  # the exporter's graph (an ONNX source's too)
+
+
 @dataclasses.dataclass
 class PassContext:
     """What a pass may read besides the graph: model facts, the source, a scratch dir, calibration text.
@@ -62,7 +81,8 @@ class NoOptions:
 
 
 class Pass:
-    """Base class. Subclasses set `name`, `Options` (a dataclass) and `lossless`, and implement `run`."""
+    """Base class. Subclasses set `name`, `Options` (a dataclass), `lossless` and their graph forms (`requires`,
+    `provides`, `removes`), and implement `run`."""
 
     name: ClassVar[str]
     Options: ClassVar[type] = NoOptions
@@ -71,6 +91,10 @@ class Pass:
     # grows with depth: 1e-4 abs holds on a 2-layer model, not on 30 layers with logits near 30).
     atol: ClassVar[float] = 1e-4
     rtol: ClassVar[float] = 1e-5
+    # The graph forms (GRAPH_FORMS) the pass needs, makes and ends; by default it needs and changes none.
+    requires: ClassVar[tuple[str, ...]] = ()
+    provides: ClassVar[tuple[str, ...]] = ()
+    removes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **options: Any):
         self.options = parse_options(self.name, self.Options, options)

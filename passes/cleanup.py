@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import collections
 
-from onnxlm.passes.base import Pass, PassContext
+from onnxlm.passes.base import FOLDED, Pass, PassContext
 
 
 def op_histogram(model) -> dict[str, int]:
@@ -24,6 +24,7 @@ class Cleanup(Pass):
     """Fold constants and remove dead code with onnxscript's optimizer and onnx-ir's common passes."""
 
     name = "cleanup"
+    provides = (FOLDED,)
 
     def run(self, model, ctx: PassContext):
         import onnx_ir.passes.common as common

@@ -23,7 +23,7 @@ import dataclasses
 import numpy as np
 
 from onnxlm.errors import OnnxlmError
-from onnxlm.passes.base import Pass, PassContext
+from onnxlm.passes.base import FLOAT_WEIGHTS, FOLDED, PLAIN, UNSLICED_HEAD, Pass, PassContext
 from onnxlm.passes.constants import add_initializer
 from onnxlm.passes.larosa.calibrate import rotation, second_moments
 from onnxlm.passes.larosa.structure import Decoder, Norm, constant_matmul_weight, find_decoder
@@ -37,6 +37,8 @@ class RotateResidualOptions:
 
 class RotateResidual(Pass):
     name = "rotate_residual"
+    requires = (FOLDED, FLOAT_WEIGHTS, UNSLICED_HEAD)
+    removes = (PLAIN,)  # the gamma Muls go and adapters sit on the residual edges
     Options = RotateResidualOptions
 
     def validate(self) -> None:

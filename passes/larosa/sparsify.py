@@ -26,8 +26,8 @@ import dataclasses
 import numpy as np
 
 from onnxlm.errors import OnnxlmError
-from onnxlm.passes.base import Pass, PassContext
 from onnxlm.interface import Port
+from onnxlm.passes.base import FLOAT_WEIGHTS, FOLDED, UNSLICED_HEAD, Pass, PassContext
 from onnxlm.passes.constants import add_initializer, add_overridable_input
 from onnxlm.passes.larosa.structure import constant_matmul_weight, find_decoder
 
@@ -47,6 +47,7 @@ class TopkSparsifyOptions:
 
 class TopkSparsify(Pass):
     name = "topk_sparsify"
+    requires = (FOLDED, FLOAT_WEIGHTS, UNSLICED_HEAD)
     Options = TopkSparsifyOptions
     lossless = False
 

@@ -23,7 +23,7 @@ import numpy as np
 from onnxlm.artifact import EXIT_DRIFT as DRIFT
 from onnxlm.artifact import EXIT_HIDDEN as HIDDEN
 from onnxlm.errors import OnnxlmError
-from onnxlm.passes.base import Pass, PassContext
+from onnxlm.passes.base import FUSED, Pass, PassContext
 from onnxlm.passes.constants import add_initializer
 from onnxlm.passes.layers.residual import fused_residual_chain
 
@@ -35,6 +35,7 @@ class EarlyExitOptions:
 
 class EarlyExit(Pass):
     name = "early_exit"
+    requires = (FUSED,)
     Options = EarlyExitOptions
 
     def features(self):

@@ -27,7 +27,7 @@ import numpy as np
 
 from onnxlm.errors import OnnxlmError
 from onnxlm.interface import Port
-from onnxlm.passes.base import Pass, PassContext
+from onnxlm.passes.base import FUSED, Pass, PassContext
 from onnxlm.passes.constants import add_initializer
 from onnxlm.passes.layers.residual import fused_residual_chain
 
@@ -43,6 +43,7 @@ class HaltingOptions:
 
 class QuickSilverHalting(Pass):
     name = "quicksilver_halting"
+    requires = (FUSED,)
     Options = HaltingOptions
 
     def ports(self, info):

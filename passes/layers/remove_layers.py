@@ -23,7 +23,7 @@ import dataclasses
 import numpy as np
 
 from onnxlm.errors import OnnxlmError
-from onnxlm.passes.base import Pass, PassContext
+from onnxlm.passes.base import FOLDED, PLAIN, Pass, PassContext
 from onnxlm.passes.constants import add_initializer
 from onnxlm.passes.layers.residual import remove_layers, residual_stream
 
@@ -40,6 +40,7 @@ class RemoveLayersOptions:
 
 class RemoveLayers(Pass):
     name = "remove_layers"
+    requires = (FOLDED, PLAIN)
     Options = RemoveLayersOptions
     lossless = False
 

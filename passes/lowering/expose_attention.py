@@ -21,7 +21,7 @@ import numpy as np
 
 from onnxlm.errors import OnnxlmError
 from onnxlm.interface import Port
-from onnxlm.passes.base import Pass, PassContext
+from onnxlm.passes.base import FUSED, Pass, PassContext
 from onnxlm.passes.constants import add_initializer
 
 SEQLENS_K, TOTAL_LENGTH, POSITION_IDS = 5, 6, 9  # GroupQueryAttention input indices (ORT 1.32 schema)
@@ -35,6 +35,7 @@ class ExposeAttentionOptions:
 
 class ExposeAttention(Pass):
     name = "expose_attention"
+    requires = (FUSED,)
     Options = ExposeAttentionOptions
 
     def features(self):

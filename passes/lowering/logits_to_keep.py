@@ -17,7 +17,7 @@ import numpy as np
 
 from onnxlm.errors import OnnxlmError
 from onnxlm.interface import Port
-from onnxlm.passes.base import Pass, PassContext
+from onnxlm.passes.base import UNSLICED_HEAD, Pass, PassContext
 from onnxlm.passes.constants import add_initializer, add_overridable_input
 from onnxlm.passes.quant.linears import is_lm_head
 
@@ -26,6 +26,7 @@ INPUT = "logits_to_keep"
 
 class LogitsToKeep(Pass):
     name = "logits_to_keep"
+    removes = (UNSLICED_HEAD,)
 
     def ports(self, info):
         return [Port(INPUT, "input", "int64", (), feature="logits_to_keep", role="count", default=0, optional=True,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from onnxlm.errors import OnnxlmError
-from onnxlm.passes.base import Pass, PassContext
+from onnxlm.passes.base import FOLDED, FUSED, PLAIN, Pass, PassContext
 
 
 @dataclasses.dataclass
@@ -53,6 +53,7 @@ class FuseRmsNorm(_Fusion):
     """
 
     name = "fuse_rms_norm"
+    requires = (FOLDED, PLAIN)
     main = "rms_normalization"
     expected_per_layer = 2  # attention and MLP norms (the final norm makes one more)
 
@@ -69,6 +70,8 @@ class FuseSkipRmsNorm(_Fusion):
     """
 
     name = "fuse_skip_rms_norm"
+    requires = (FOLDED, PLAIN)
+    removes = (PLAIN,)
     main = "skip_rms_normalization"
     expected_per_layer = 2
 
@@ -85,6 +88,7 @@ class FuseRotary(_Fusion):
     """
 
     name = "fuse_rotary"
+    requires = (FOLDED,)
     main = "rotary_embedding"
     expected_per_layer = 2  # query and key
 
@@ -111,6 +115,8 @@ class FuseGroupQueryAttention(_Fusion):
     """
 
     name = "fuse_gqa"
+    requires = (FOLDED,)
+    provides = (FUSED,)
     main = "gqa"
 
     def fusions(self):

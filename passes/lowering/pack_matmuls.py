@@ -15,7 +15,7 @@ import collections
 
 import numpy as np
 
-from onnxlm.passes.base import Pass, PassContext
+from onnxlm.passes.base import FLOAT_WEIGHTS, FOLDED, FUSED, Pass, PassContext
 from onnxlm.passes.constants import add_initializer
 
 
@@ -42,6 +42,7 @@ class PackQKV(Pass):
     """Feed GroupQueryAttention one packed QKV MatMul (com.microsoft GroupQueryAttention, packed-QKV form)."""
 
     name = "pack_qkv"
+    requires = (FUSED, FLOAT_WEIGHTS)
 
     def run(self, model, ctx: PassContext):
         graph = model.graph
@@ -69,6 +70,7 @@ class PackGateUp(Pass):
     """Pack pairs of MatMuls that share their input and have constant weights into one MatMul + Split."""
 
     name = "pack_gate_up"
+    requires = (FOLDED, FLOAT_WEIGHTS)
 
     def run(self, model, ctx: PassContext):
         import onnx_ir as ir

@@ -17,7 +17,7 @@ import dataclasses
 import numpy as np
 
 from onnxlm.errors import OnnxlmError
-from onnxlm.passes.base import Pass, PassContext
+from onnxlm.passes.base import FLOAT_WEIGHTS, FOLDED, Pass, PassContext
 from onnxlm.passes.quant.linears import drop_unused, initializer_bytes, is_lm_head, linear_weight, linears, untie_lm_head
 
 KEEPABLE = ("lm_head", "down_proj", "o_proj")
@@ -61,6 +61,8 @@ class QuantDynamicInt8(Pass):
     """Linears -> ORT dynamic int8 (quantize_dynamic: int8 weights, uint8 per-tensor dynamic activations)."""
 
     name = "quant_dynamic_int8"
+    requires = (FOLDED,)
+    removes = (FLOAT_WEIGHTS,)
     Options = DynamicInt8Options
     lossless = False
 

@@ -26,7 +26,7 @@ import dataclasses
 import numpy as np
 
 from onnxlm.errors import OnnxlmError
-from onnxlm.passes.base import Pass, PassContext
+from onnxlm.passes.base import FLOAT_WEIGHTS, FOLDED, Pass, PassContext
 from onnxlm.passes.constants import add_initializer
 from onnxlm.passes.quant.linears import (
     OFFSET_SUFFIX,
@@ -97,6 +97,8 @@ class GgufExact(Pass):
     """Linears whose weights are a GGUF's Q4_0/Q4_1/Q8_0 blocks -> MatMulNBits reproducing those blocks exactly."""
 
     name = "quant_gguf_exact"
+    requires = (FOLDED, FLOAT_WEIGHTS)  # matches every float linear to the GGUF's rows
+    removes = (FLOAT_WEIGHTS,)
     Options = GgufExactOptions
     lossless = False
 

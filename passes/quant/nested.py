@@ -22,7 +22,7 @@ import dataclasses
 import numpy as np
 
 from onnxlm.errors import OnnxlmError
-from onnxlm.passes.base import Pass, PassContext
+from onnxlm.passes.base import FLOAT_WEIGHTS, FOLDED, Pass, PassContext
 from onnxlm.passes.quant.linears import (
     drop_unused,
     initializer_bytes,
@@ -95,6 +95,8 @@ class QuantNested(Pass):
     """Decoder linears -> MatMulNBits at 8/4/2 bits sliced from one set of int8 codes, bits chosen per layer."""
 
     name = "quant_nested"
+    requires = (FOLDED,)
+    removes = (FLOAT_WEIGHTS,)
     Options = NestedOptions
     lossless = False
 

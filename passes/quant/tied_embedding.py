@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnxlm.metrics import relative_error
-from onnxlm.passes.base import Pass, PassContext
+from onnxlm.passes.base import FLOAT_WEIGHTS, Pass, PassContext
 from onnxlm.passes.constants import add_initializer
 from onnxlm.passes.quant.linears import dequantized_matmul_nbits, drop_unused, initializer_bytes, is_lm_head
 
@@ -27,6 +27,7 @@ class ShareTiedEmbedding(Pass):
     """Embedding Gather -> GatherBlockQuantized on the LM head's MatMulNBits blocks (tied weights stored once)."""
 
     name = "share_tied_embedding"
+    removes = (FLOAT_WEIGHTS,)  # the embedding table becomes the head's blocks
     lossless = False
 
     def run(self, model, ctx: PassContext):

@@ -17,7 +17,7 @@ import dataclasses
 import numpy as np
 
 from onnxlm.errors import OnnxlmError
-from onnxlm.passes.base import Pass, PassContext
+from onnxlm.passes.base import FLOAT_WEIGHTS, FOLDED, Pass, PassContext
 from onnxlm.passes.quant.linears import (
     dequantized_matmul_nbits,
     drop_unused,
@@ -114,6 +114,8 @@ class QuantWeightOnly(Pass):
     """Every linear -> com.microsoft.MatMulNBits(bits, block_size), by ORT's MatMulNBitsQuantizer (RTN or GPTQ)."""
 
     name = "quant_weight_only"
+    requires = (FOLDED,)  # quantizes the linears still float (those quant_gguf_exact left)
+    removes = (FLOAT_WEIGHTS,)
     Options = WeightOnlyOptions
     lossless = False
 
