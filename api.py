@@ -48,7 +48,7 @@ def optimize(
     writes nothing and leaves an existing artifact as it was. An existing artifact at `output` is replaced only
     with `overwrite=True`."""
     from onnxlm.artifact import DRAFT_DIR
-    from onnxlm.backends import get_backend
+    from onnxlm.backends import get_backend, probe_backend
     from onnxlm.frontend import load_source
     from onnxlm.passes.larosa.recipe import with_sparsity
     from onnxlm.passes.recipe import load_recipe
@@ -85,7 +85,7 @@ def optimize(
                 stage.check_space(source.fp32_bytes() * 2 * len(builds))  # the artifact and a scratch copy
             compile_source(source, build_recipe, backend, stage.directory / where, stage.scratch,
                            calibration_text, say)
-    return load(output)
+    return load(output, ep=probe_backend(backend).name)  # on the target when this machine has it
 
 
 def compile_source(source, recipe, backend, output: Path, scratch: Path, calibration_text: str,
@@ -147,13 +147,15 @@ def with_layer_removal(recipe, n: int | None, max_ppl_increase: float | None):
 
 
 def with_lowering(recipe, backend):
-    """`recipe` with the backend's lowering passes at its end: checked by the manager like any other pass."""
+    """`recipe` with the backend's lowering passes at its end, order-checked like the recipe's own passes and run
+    by the manager like any other pass."""
     from onnxlm.passes.recipe import Recipe
     from onnxlm.passes.registry import make_pass
 
     if not backend.lowering:
         return recipe
-    return Recipe(recipe.name, recipe.description, [*recipe.passes, *(make_pass(s) for s in backend.lowering)])
+    return Recipe(recipe.name, recipe.description,
+                  [*recipe.passes, *(make_pass(s) for s in backend.lowering)]).checked()
 
 
 def with_pass(recipe, spec: dict):
