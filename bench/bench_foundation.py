@@ -63,18 +63,15 @@ def hf_prefill(model, prompt: list[int]) -> float:
 
 
 def hf_perplexity(model, ids: list[int], window: int) -> float:
-    import math
-
     import torch
 
-    nll, n = 0.0, 0
-    for s in range(0, len(ids), window):
-        chunk = ids[s : s + window]
+    from onnxlm.metrics import perplexity, windows_of
+
+    def window_logits(chunk):
         with torch.no_grad():
-            logits = model(torch.tensor([chunk])).logits[0, :-1].double()
-        nll += torch.nn.functional.cross_entropy(logits, torch.tensor(chunk[1:]), reduction="sum").item()
-        n += len(chunk) - 1
-    return math.exp(nll / n)
+            yield model(torch.tensor([chunk])).logits[0].double().numpy()  # (window, vocab)
+
+    return perplexity(windows_of(ids, window), window_logits)["ppl"]
 
 
 def main() -> None:

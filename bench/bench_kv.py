@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -31,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import numpy as np  # noqa: E402
 
 import onnxlm  # noqa: E402
-from onnxlm.metrics import window_nll  # noqa: E402
+from onnxlm.metrics import perplexity, windows_of  # noqa: E402
 from onnxlm.runtime.bench import bench_prompt, time_generation  # noqa: E402
 from onnxlm.runtime.decoding import executor_for  # noqa: E402
 from onnxlm.runtime.bounded_cache import bounded_perplexity, policy_step, start  # noqa: E402
@@ -174,21 +173,24 @@ def halting_part(thresholds: list[float], threads: int, runs: int) -> None:
         params = layer_params(directory, art.info)
         short = bench_prompt(art.tokenizer, 32)
         for tau in [0.0, *thresholds]:
-            nll, scored, skipped, total, layer_total, halted_sum = 0.0, 0, 0.0, 0.0, 0.0, 0
-            for i in range(0, len(ids), HALT_WINDOW):
-                window = ids[i : i + HALT_WINDOW]
+            counts = {"skipped": 0.0, "total": 0.0, "layer_total": 0.0, "halted": 0}
+
+            def window_logits(window, tau=tau, counts=counts):
                 cache = art.session.new_cache(capacity=len(window), halt_threshold=tau)
-                logits = art.session.step(np.asarray([window], np.int64), cache)[0]
-                nll += window_nll(logits[:-1], np.asarray(window[1:]))
-                scored += len(window) - 1
-                halted = cache.state["token_halting"].halted[0, :, : len(window)]
+                yield art.session.step(np.asarray([window], np.int64), cache)[0]  # (window, vocab)
+                halted = cache.state["token_halting"].halted[0, :, : len(window)]  # (layers, window)
                 s, t = halting_flops(halted, art.info, params)
-                skipped, total = skipped + s, total + t
-                layer_total += t - len(window) * 2 * art.info.hidden_size * art.info.vocab_size
-                halted_sum += int(halted.sum())
+                counts["skipped"] += s
+                counts["total"] += t
+                counts["layer_total"] += t - len(window) * 2 * art.info.hidden_size * art.info.vocab_size
+                counts["halted"] += int(halted.sum())
+
+            ppl = perplexity(windows_of(ids, HALT_WINDOW), window_logits)["ppl"]
+            skipped, total, layer_total, halted_sum = (counts[k] for k in ("skipped", "total", "layer_total",
+                                                                           "halted"))
             speed = sorted(time_generation(executor_for(art.session, halt_threshold=tau), short, 128)[1]
                            for _ in range(runs))
-            lines.append(f"| {label} | {tau} | {math.exp(nll / scored):.3f} | "
+            lines.append(f"| {label} | {tau} | {ppl:.3f} | "
                          f"{halted_sum / (art.info.num_layers * len(ids)):.1%} | {skipped / layer_total:.1%} | "
                          f"{skipped / total:.1%} | {speed[len(speed) // 2]:.1f} |")
             print(lines[-1], flush=True)

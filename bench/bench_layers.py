@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import numpy as np  # noqa: E402
 
 import onnxlm  # noqa: E402
+from onnxlm.metrics import window_nll  # noqa: E402
 from onnxlm.runtime.bench import NEW_TOKENS, PROMPT_TOKENS, bench_prompt, time_generation  # noqa: E402
 from onnxlm.runtime.decoding import executor_for  # noqa: E402
 from onnxlm.runtime.decoding import Decoding  # noqa: E402
@@ -76,9 +77,7 @@ def exit_bound(hidden_windows, targets, final_norm, head, eps, first_exit: int, 
             exit_at = np.where(done.any(0), first_exit + done.argmax(0), layers)  # (seq,)
             h = hidden[exit_at, np.arange(hidden.shape[1])][:-1]  # (seq - 1, d)
             normed = h / np.sqrt((h * h).mean(-1, keepdims=True) + eps) * final_norm
-            logits = normed @ head.T  # (seq - 1, vocab)
-            z = logits - logits.max(-1, keepdims=True)
-            nll += float((np.log(np.exp(z).sum(-1)) - z[np.arange(len(target)), target]).sum())
+            nll += window_nll(normed @ head.T, target)  # logits (seq - 1, vocab)
             count += len(target)
             depth += exit_at[:-1].sum()
         rows.append((threshold, depth / count, math.exp(nll / count)))

@@ -165,18 +165,15 @@ def llama_cpp_timing(llm, short: list[int], long: list[int]) -> tuple[float, flo
 def llama_cpp_perplexity(llm, token_ids: list[int], window: int = 512) -> float:
     """PPL of the same token ids and windows as onnxlm's eval (non-overlapping, each from an empty cache), scored
     from llama.cpp's logits for every position (a model made with logits_all=True)."""
-    import math
-
     import numpy as np
 
-    from onnxlm.metrics import window_nll, windows_of
+    from onnxlm.metrics import perplexity, windows_of
 
-    total, scored = 0.0, 0
-    for ids in windows_of(token_ids, window):
+    def window_logits(ids):
         llm.reset()
         llm.eval(ids)
-        logits = np.asarray(llm.scores[: len(ids)], np.float32)  # (window, vocab)
-        total += window_nll(logits[:-1], np.asarray(ids[1:]))
-        scored += len(ids) - 1
+        yield np.asarray(llm.scores[: len(ids)], np.float32)  # (window, vocab)
+
+    ppl = perplexity(windows_of(token_ids, window), window_logits)["ppl"]
     llm.reset()
-    return math.exp(total / scored)
+    return ppl
