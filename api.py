@@ -203,8 +203,9 @@ class Artifact:
         self.tokenizer = TextTokenizer(directory, self.info)
         self._exits = None  # early-exit segments, loaded by exit_segments()
 
-    def prompt_ids(self, prompt: str, chat: bool = True) -> list[int]:
-        """Token ids for a user prompt, wrapped in the model's chat template when it has one and chat=True."""
+    def prompt_ids(self, prompt: str | list[dict], chat: bool = True) -> list[int]:
+        """Token ids for a user prompt, or a conversation ([{"role": ..., "content": ...}, ...]), wrapped in the
+        model's chat template when it has one and chat=True."""
         from onnxlm.runtime.chat import render_chat
 
         template = self.tokenizer.config.get("chat_template")
@@ -212,6 +213,8 @@ class Artifact:
             text = render_chat(template, prompt, self.tokenizer.config.get("bos_token"),
                                self.tokenizer.config.get("eos_token"))
             return self.tokenizer.encode(text, add_bos=False)
+        if not isinstance(prompt, str):
+            raise OnnxlmError("this model has no chat template: send its prompt as text, not as messages")
         return self.tokenizer.encode(prompt)
 
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 128, ignore_eos: bool = False,

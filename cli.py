@@ -1,4 +1,4 @@
-"""The `onnxlm` command line: optimize, generate, eval, bench, inspect, recipes.
+"""The `onnxlm` command line: optimize, generate, eval, bench, inspect, serve, recipes.
 
 Every user error is one line on stderr and exit code 2; progress goes to stderr, results to stdout.
 """
@@ -369,6 +369,37 @@ def inspect(
         files.add_row(name, f"{size / 1e6:.2f}")
     files.add_row("total", f"{sum(manifest['files'].values()) / 1e6:.2f}")
     out.print(files)
+
+
+@app.command()
+def serve(
+    directory: Annotated[Path, typer.Argument(help="Artifact directory (a GroupQueryAttention recipe: any but fp32-plain).")],
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port (0: any free one).")] = 8000,
+    max_batch: Annotated[int, typer.Option(min=1, help="Requests decoding at once (KV cache slots).")] = 8,
+    chunk_size: Annotated[Optional[int], typer.Option(
+        min=2, help="Tokens per engine iteration: every running decode, then a prompt chunk in the rest "
+                    "(Sarathi-Serve). Default 256; 0 prefills whole prompts.")] = 256,
+    max_queue: Annotated[int, typer.Option(min=1, help="Requests waiting for a slot; more get 429.")] = 64,
+    max_context: Annotated[int, typer.Option(min=2, help="Positions per slot: prompt + max_tokens.")] = 2048,
+    prefix_cache_mb: Annotated[float, typer.Option(
+        min=0.0, help="MB of K/V kept for prompt prefixes (LRU); a prompt that starts like an earlier one "
+                      "prefills only the rest. 0: off.")] = 256.0,
+    model_name: Annotated[Optional[str], typer.Option(help="The model id clients send (default: the directory name).")] = None,
+    threads: Threads = None,
+):
+    """Serve an artifact over an OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models,
+    /health, /metrics. Continuous batching with chunked prefill and a prefix cache; SIGTERM finishes the requests
+    in flight, then exits."""
+    from onnxlm.runtime.engine import EngineConfig
+    from onnxlm.runtime.server import serve as run_server
+
+    if chunk_size is not None and chunk_size and chunk_size <= max_batch:
+        raise OnnxlmError(f"--chunk-size {chunk_size} must exceed --max-batch {max_batch}: each iteration runs "
+                          "every decode first")
+    config = EngineConfig(slots=max_batch, token_budget=chunk_size or None, max_queue=max_queue,
+                          max_context=max_context, prefix_cache_mb=prefix_cache_mb)
+    run_server(directory, host, port, config, threads, model_name)
 
 
 @app.command()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -31,9 +32,13 @@ class Request:
     prompt_ids: list[int]
     max_new_tokens: int
     arrival_s: float = 0.0  # seconds after the start of `serve`
+    sampler: Sampler | None = None  # this request's own token choice (seeded); None: the batch's
+    stop_ids: tuple[int, ...] | None = None  # None: the batch's
+    on_token: Callable[[Request, int], None] | None = None  # called as each token is chosen (the engine streams)
     tokens: list[int] = dataclasses.field(default_factory=list)  # generated
     token_times: list[float] = dataclasses.field(default_factory=list)  # seconds after the start, per token
     prefilled: int = 0  # prompt tokens already in the cache
+    cached: int = 0  # of those, tokens restored from the prefix cache
     row: int | None = None
     finished: bool = False
 
@@ -59,6 +64,84 @@ def iteration_plan(requests: list[Request], token_budget: int | None) -> tuple[l
     return decodes, (target if chunk > 0 else None), max(chunk, 0)
 
 
+class Batch:
+    """Slots of one shared GQA cache and the requests in them. `admit` gives a request a free slot (its prompt's
+    cached prefix restored when a prefix cache is given), `iteration` runs one Sarathi iteration, and a finished
+    or dropped request frees its slot. Used by `serve` (requests with arrival times) and by the server's engine
+    thread (engine.py)."""
+
+    def __init__(self, model: DecoderSession, slots: int, capacity: int, token_budget: int | None = None,
+                 stop_ids: tuple[int, ...] = (), sampler: Sampler | None = None, prefix_cache=None):
+        if not model.shared_kv:
+            raise OnnxlmError("batched serving needs a GroupQueryAttention artifact (recipe fp32 or a quantized one)")
+        if token_budget is not None and token_budget <= slots:
+            raise OnnxlmError(f"token budget {token_budget} leaves no room for prefill beside {slots} decodes")
+        if capacity > model.info.context_length:
+            raise OnnxlmError(f"a request needs {capacity} positions; the model's context is "
+                              f"{model.info.context_length}")
+        self.model, self.slots, self.capacity, self.token_budget = model, slots, capacity, token_budget
+        self.stop_ids, self.sampler, self.prefix_cache = stop_ids, sampler or Sampler(), prefix_cache
+        self.cache = model.new_cache(batch=slots, capacity=capacity)  # (slots, kv_heads, capacity, head_dim)
+        self.rows = [self.cache.row(b) for b in range(slots)]
+        self.free = list(range(slots))
+        self.running: list[Request] = []
+        self.start = time.perf_counter()
+
+    def admit(self, request: Request) -> bool:
+        """Give `request` a free slot; False when there is none."""
+        if not self.free:
+            return False
+        request.row = self.free.pop(0)
+        self.rows[request.row].length = 0
+        if self.prefix_cache is not None:
+            request.cached = self.prefix_cache.restore(request.prompt_ids, self.rows[request.row])
+            request.prefilled = request.cached
+        self.running.append(request)
+        return True
+
+    def drop(self, request: Request) -> None:
+        """End `request` (finished, or cancelled by its client) and free its slot."""
+        request.finished = True
+        if request in self.running:
+            self.running.remove(request)
+            self.free.append(request.row)
+
+    def emit(self, request: Request, logits: np.ndarray) -> None:
+        token = (request.sampler or self.sampler)(logits, request.prompt_ids + request.tokens)
+        request.tokens.append(token)
+        request.token_times.append(time.perf_counter() - self.start)
+        stops = self.stop_ids if request.stop_ids is None else request.stop_ids
+        if token in stops or len(request.tokens) == request.max_new_tokens:
+            self.drop(request)
+        if request.on_token:
+            request.on_token(request, token)
+
+    def iteration(self) -> bool:
+        """One iteration: a batched decode of every running request past its prompt, then a prefill chunk in
+        what is left of the token budget. False when there was nothing to run."""
+        decodes, prefill, chunk = iteration_plan(self.running, self.token_budget)
+        if not decodes and prefill is None:
+            return False
+        if decodes:
+            tokens = np.zeros((self.slots, 1), np.int64)  # (slots, 1): filler for rows that are not decoding
+            positions = np.asarray([[row.length] for row in self.rows], np.int64)  # (slots, 1)
+            for r in decodes:
+                tokens[r.row, 0] = r.tokens[-1]
+            logits = self.model.step(tokens, self.cache, positions=positions)  # (slots, 1, vocab)
+            for r in decodes:
+                self.rows[r.row].length += 1
+                self.emit(r, logits[r.row, 0])
+        if prefill is not None:
+            ids = prefill.prompt_ids[prefill.prefilled : prefill.prefilled + chunk]
+            logits = self.model.step(np.asarray([ids], np.int64), self.rows[prefill.row], last_only=True)
+            prefill.prefilled += chunk
+            if prefill.prefilled == len(prefill.prompt_ids):
+                if self.prefix_cache is not None:
+                    self.prefix_cache.store(prefill.prompt_ids, self.rows[prefill.row])
+                self.emit(prefill, logits[0, -1])  # (vocab,)
+        return True
+
+
 def serve(
     model: DecoderSession,
     requests: list[Request],
@@ -66,53 +149,16 @@ def serve(
     token_budget: int | None = None,
     stop_ids: tuple[int, ...] = (),
     sampler: Sampler | None = None,
+    prefix_cache=None,
 ) -> list[Request]:
     """Run all requests to completion, admitting each at its arrival time; fills in tokens and token_times."""
-    if not model.shared_kv:
-        raise OnnxlmError("batched serving needs a GroupQueryAttention artifact (recipe fp32 or a quantized one)")
-    if token_budget is not None and token_budget <= slots:
-        raise OnnxlmError(f"token budget {token_budget} leaves no room for prefill beside {slots} decodes")
-    choose = sampler or Sampler()
     capacity = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
-    if capacity > model.info.context_length:
-        raise OnnxlmError(f"a request needs {capacity} positions; the model's context is {model.info.context_length}")
-    cache = model.new_cache(batch=slots, capacity=capacity)  # (slots, kv_heads, capacity, head_dim) per layer
-    rows = [cache.row(b) for b in range(slots)]
-    free = list(range(slots))
+    batch = Batch(model, slots, capacity, token_budget, stop_ids, sampler, prefix_cache)
     pending = sorted(requests, key=lambda r: r.arrival_s)
-    start = time.perf_counter()
-
-    def emit(request: Request, logits: np.ndarray) -> None:
-        token = choose(logits, request.prompt_ids + request.tokens)
-        request.tokens.append(token)
-        request.token_times.append(time.perf_counter() - start)
-        if token in stop_ids or len(request.tokens) == request.max_new_tokens:
-            request.finished = True
-            free.append(request.row)
-
-    while pending or any(r.row is not None and not r.finished for r in requests):
-        now = time.perf_counter() - start
-        while pending and pending[0].arrival_s <= now and free:
-            request = pending.pop(0)
-            request.row = free.pop(0)
-            rows[request.row].length = 0
-        decodes, prefill, chunk = iteration_plan(requests, token_budget)
-        if not decodes and prefill is None:  # idle until the next arrival
+    while pending or batch.running:
+        now = time.perf_counter() - batch.start
+        while pending and pending[0].arrival_s <= now and batch.admit(pending[0]):
+            pending.pop(0)
+        if not batch.iteration():  # idle until the next arrival
             time.sleep(max(0.0, pending[0].arrival_s - now))
-            continue
-        if decodes:
-            tokens = np.zeros((slots, 1), np.int64)  # (slots, 1): filler for rows that are not decoding
-            positions = np.asarray([[row.length] for row in rows], np.int64)  # (slots, 1)
-            for r in decodes:
-                tokens[r.row, 0] = r.tokens[-1]
-            logits = model.step(tokens, cache, positions=positions)  # (slots, 1, vocab)
-            for r in decodes:
-                rows[r.row].length += 1
-                emit(r, logits[r.row, 0])
-        if prefill is not None:
-            ids = prefill.prompt_ids[prefill.prefilled : prefill.prefilled + chunk]
-            logits = model.step(np.asarray([ids], np.int64), rows[prefill.row], last_only=True)  # (1, 1, vocab)
-            prefill.prefilled += chunk
-            if prefill.prefilled == len(prefill.prompt_ids):
-                emit(prefill, logits[0, -1])
     return requests
