@@ -386,6 +386,10 @@ def serve(
         min=0.0, help="MB of K/V kept for prompt prefixes (LRU); a prompt that starts like an earlier one "
                       "prefills only the rest. 0: off.")] = 256.0,
     model_name: Annotated[Optional[str], typer.Option(help="The model id clients send (default: the directory name).")] = None,
+    ray: Annotated[bool, typer.Option("--ray", help='Run as a Ray Serve deployment behind Ray\'s HTTP proxy (pip install "onnxlm[ray]").')] = False,
+    replicas: Annotated[int, typer.Option(min=1, help="--ray: server replicas, each with its own engine.")] = 1,
+    ray_address: Annotated[Optional[str], typer.Option(
+        help="--ray: an existing cluster to join ('auto', or ray://HOST:10001); default: a local Ray on loopback.")] = None,
     threads: Threads = None,
 ):
     """Serve an artifact over an OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models,
@@ -399,7 +403,20 @@ def serve(
                           "every decode first")
     config = EngineConfig(slots=max_batch, token_budget=chunk_size or None, max_queue=max_queue,
                           max_context=max_context, prefix_cache_mb=prefix_cache_mb)
-    run_server(directory, host, port, config, threads, model_name)
+    if not ray:
+        run_server(directory, host, port, config, threads, model_name)
+        return
+    import time
+
+    from onnxlm.runtime import ray_serve
+
+    ray_serve.start(directory, replicas, host, port, config, model_name, threads, ray_address)
+    err.print(f"serving {directory} on http://{host}:{port} with {replicas} Ray Serve replicas (Ctrl-C stops)")
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        ray_serve.stop()
 
 
 @app.command()
