@@ -202,6 +202,16 @@ class Artifact:
         self.info = self.session.info
         self.tokenizer = TextTokenizer(directory, self.info)
         self._exits = None  # early-exit segments, loaded by exit_segments()
+        self.prefix_cache = None  # runtime.prefix_cache.PrefixCache: see reuse_prefixes()
+
+    def reuse_prefixes(self, megabytes: float = 256.0) -> Artifact:
+        """Keep the K/V of prompt prefixes (up to `megabytes`, LRU) across this artifact's greedy and sampled
+        generations: several questions over one shared context prefill the context once, the way `onnxlm serve`
+        does (runtime/prefix_cache.py). Returns the artifact."""
+        from onnxlm.runtime.prefix_cache import PrefixCache
+
+        self.prefix_cache = PrefixCache(int(megabytes * 2**20))
+        return self
 
     def prompt_ids(self, prompt: str | list[dict], chat: bool = True) -> list[int]:
         """Token ids for a user prompt, or a conversation ([{"role": ..., "content": ...}, ...]), wrapped in the
@@ -228,7 +238,7 @@ class Artifact:
         decoding = decoding or self.default_decoding()
         exits = self.exit_segments() if decoding.exit_threshold is not None else None
         return decode(self.session, prompt_ids, max_new_tokens, decoding, stop,
-                      draft.session if draft is not None else None, stats, exits)
+                      draft.session if draft is not None else None, stats, exits, self.prefix_cache)
 
     def default_decoding(self, **sampling_overrides):
         """The decoding this artifact records as its default (the source's recommendation, seeded; see

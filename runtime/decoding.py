@@ -90,6 +90,7 @@ def decode(
     draft_model: DecoderSession | None = None,
     stats: SpeculativeStats | None = None,
     exits: ExitSegments | None = None,
+    prefix_cache=None,
 ) -> Iterator[int]:
     """New token ids for `prompt_ids` under `decoding`; beam search yields its best hypothesis at the end."""
     sampler = Sampler(decoding.sampling)
@@ -108,16 +109,16 @@ def decode(
         return speculative_generate(model, drafter, prompt_ids, max_new_tokens, stop_ids, sampler,
                                     decoding.max_draft, stats)
     executor = executor_for(model, decoding.kv_policy, decoding.halt_threshold, decoding.exit_threshold, exits,
-                            decoding.chunk_size)
+                            decoding.chunk_size, prefix_cache)
     return generate_with(executor, prompt_ids, max_new_tokens, stop_ids, sampler)
 
 
 def executor_for(model: DecoderSession, kv_policy: KVPolicyConfig | None = None, halt_threshold: float | None = None,
                  exit_threshold: float | None = None, exits: ExitSegments | None = None,
-                 chunk_size: int | None = None) -> Executor:
+                 chunk_size: int | None = None, prefix_cache=None) -> Executor:
     """How the steps of a greedy or sampled run (or a perplexity) execute: with early exit at `exit_threshold`,
     under an evicting `kv_policy`, or on the full cache (token halting at `halt_threshold` on a quicksilver
-    artifact, the prompt in chunks of `chunk_size`)."""
+    artifact, the prompt in chunks of `chunk_size`, from its longest prefix in `prefix_cache`)."""
     evicting = kv_policy is not None and kv_policy.name != "full"
     if exit_threshold is not None:
         if halt_threshold is not None or evicting:
@@ -127,4 +128,4 @@ def executor_for(model: DecoderSession, kv_policy: KVPolicyConfig | None = None,
         if halt_threshold is not None:
             raise OnnxlmError("token halting and an evicting KV policy do not combine")
         return Bounded(model, kv_policy)
-    return Plain(model, chunk_size, halt_threshold=halt_threshold)
+    return Plain(model, chunk_size, prefix_cache, halt_threshold=halt_threshold)

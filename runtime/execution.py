@@ -73,16 +73,23 @@ class Executor:
 
 class Plain(Executor):
     """Every token kept; the prompt in one step, or in chunks of `chunk_size` tokens (Sarathi-Serve's chunked
-    prefill: bounded time and activation memory per call)."""
+    prefill: bounded time and activation memory per call). With a `prefix_cache` (prefix_cache.PrefixCache) a
+    generation's prompt starts from its longest cached prefix and leaves its own blocks for the next one: several
+    questions over one context prefill the context once."""
 
-    def __init__(self, model: DecoderSession, chunk_size: int | None = None, **options):
+    def __init__(self, model: DecoderSession, chunk_size: int | None = None, prefix_cache=None, **options):
         super().__init__(model, **options)
-        self.chunk_size = chunk_size
+        self.chunk_size, self.prefix_cache = chunk_size, prefix_cache
 
     def prefill(self, ids, all_logits=False, scoring=False):
+        # not while scoring (every row is wanted), and not on graphs whose extensions keep per-token state
+        reuse = self.prefix_cache is not None and not all_logits and self.cache.shared and self.model.hot
+        start = self.prefix_cache.restore(ids, self.cache) if reuse else 0
         size = self.chunk_size or len(ids)
         blocks = [self.model.step(np.asarray([ids[i : i + size]], np.int64), self.cache, last_only=not all_logits,
-                                  scoring=scoring)[0] for i in range(0, len(ids), size)]  # (n or 1, vocab) each
+                                  scoring=scoring)[0] for i in range(start, len(ids), size)]  # (n or 1, vocab) each
+        if reuse:
+            self.prefix_cache.store(ids, self.cache)
         return np.concatenate(blocks) if all_logits else blocks[-1][-1]
 
     def decode(self, token):

@@ -221,3 +221,15 @@ def test_sigterm_finishes_the_requests_in_flight(tiny_artifact):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_the_python_api_reuses_a_shared_context(tiny_artifact):
+    import onnxlm
+
+    art = onnxlm.load(tiny_artifact.directory).reuse_prefixes(16)
+    context = " ".join(PROMPTS) * 3
+    for question in ("Who?", "What?", "When?"):
+        ids = art.prompt_ids(context + question, chat=False)
+        assert list(art.generate_ids(ids, 12, decoding=Decoding())) == \
+            list(tiny_artifact.generate_ids(ids, 12, decoding=Decoding()))
+    assert art.prefix_cache.hits >= 2 * 64  # questions 2 and 3 restored the context's blocks
