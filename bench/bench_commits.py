@@ -1,8 +1,8 @@
 """Two commits of onnxlm side by side: the same timings as bench_lowering and bench_quant (TTFT, decode tok/s,
 512-token prefill, as `onnxlm bench` defines them), on artifacts each commit built itself, round-robin in one run.
 
-Each commit runs in its own worker process (its checkout on PYTHONPATH as `onnxlm`), which loads its artifacts
-once and times one of them per request; the parent sends the requests round-robin, each round starting one
+Each commit runs in its own worker process (its checkout on PYTHONPATH as `onnxlm`, timing with its own
+bench/common.py), which loads its artifacts once and times one of them per request; the parent sends the requests round-robin, each round starting one
 system later, and reports medians and the new/old ratio of each recipe. Prepare each commit's checkout and
 artifacts first, e.g. for the parent commit:
     git worktree add /tmp/onnxlm-old HEAD~1 && mkdir -p /tmp/old-path && ln -s /tmp/onnxlm-old /tmp/old-path/onnxlm
@@ -45,7 +45,8 @@ class Worker:
     def __init__(self, label: str, python_path: str, artifacts: Path, recipes: list[str], threads: int | None):
         import os
 
-        code = WORKER.format(bench=str(Path(__file__).parent), threads=threads)
+        bench = Path(python_path).resolve() / "onnxlm" / "bench"  # the commit's own timing code
+        code = WORKER.format(bench=str(bench), threads=threads)
         paths = json.dumps({r: str(artifacts / r) for r in recipes})
         env = {**os.environ, "PYTHONPATH": str(Path(python_path).resolve()), "HF_HUB_OFFLINE": "1"}
         self.proc = subprocess.Popen([sys.executable, "-c", code, paths], stdin=subprocess.PIPE,
@@ -92,14 +93,15 @@ def main() -> None:
     lines = [f"Machine: {machine()}. {args.runs} rounds, round-robin over both commits' workers; medians, and the "
              f"median of the per-round {new}/{old} ratios (decode: tok/s ratio; prefill and TTFT: time ratio).", "",
              f"| recipe | decode tok/s {old} | decode tok/s {new} | {new}/{old} | prefill-512 s {old} | "
-             f"prefill-512 s {new} | {new}/{old} | TTFT ms {old} | TTFT ms {new} |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"prefill-512 s {new} | {new}/{old} | TTFT ms {old} | TTFT ms {new} | {new}/{old} |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in args.recipes:
         o, n = results[(old, r)], results[(new, r)]
         decode_ratio = median_ratio(runs, (new, r), (old, r), 1)
         prefill_ratio = median_ratio(runs, (new, r), (old, r), 2)
+        ttft_ratio = median_ratio(runs, (new, r), (old, r), 0)
         lines.append(f"| {r} | {o[1]:.1f} | {n[1]:.1f} | {decode_ratio:.3f} | {o[2]:.3f} | {n[2]:.3f} | "
-                     f"{prefill_ratio:.3f} | {o[0] * 1e3:.1f} | {n[0] * 1e3:.1f} |")
+                     f"{prefill_ratio:.3f} | {o[0] * 1e3:.1f} | {n[0] * 1e3:.1f} | {ttft_ratio:.3f} |")
     publish("commits", lines, "python bench/bench_commits.py " + " ".join(sys.argv[1:]))
 
 
