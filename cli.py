@@ -378,8 +378,8 @@ def serve(
     port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port (0: any free one).")] = 8000,
     max_batch: Annotated[int, typer.Option(min=1, help="Requests decoding at once (KV cache slots).")] = 8,
     chunk_size: Annotated[Optional[int], typer.Option(
-        min=2, help="Tokens per engine iteration: every running decode, then a prompt chunk in the rest "
-                    "(Sarathi-Serve). Default 256; 0 prefills whole prompts.")] = 256,
+        min=0, help="Tokens per engine iteration: every running decode, then a prompt chunk in the rest "
+                    "(Sarathi-Serve): the most a long prompt stalls the others. 0 prefills whole prompts.")] = 128,
     max_queue: Annotated[int, typer.Option(min=1, help="Requests waiting for a slot; more get 429.")] = 64,
     max_context: Annotated[int, typer.Option(min=2, help="Positions per slot: prompt + max_tokens.")] = 2048,
     prefix_cache_mb: Annotated[float, typer.Option(

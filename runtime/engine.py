@@ -29,7 +29,7 @@ class QueueFull(OnnxlmError):
 @dataclasses.dataclass
 class EngineConfig:
     slots: int = 8  # requests decoding at once
-    token_budget: int | None = 256  # tokens per iteration (Sarathi's chunk budget); None: whole prompts
+    token_budget: int | None = 128  # tokens per iteration (Sarathi's chunk budget); None: whole prompts
     max_queue: int = 64  # requests waiting for a slot
     max_context: int = 2048  # positions per slot (prompt + new tokens)
     prefix_cache_mb: float = 0.0  # 0: no prefix cache
