@@ -420,6 +420,44 @@ def serve(
 
 
 @app.command()
+def tune(
+    model: Annotated[str, typer.Argument(help="HF checkpoint dir, .gguf file, decoder .onnx, or smollm2-135m.")] = "smollm2-135m",
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the search's results.")] = ...,
+    max_ppl_increase: Annotated[float, typer.Option(help="PPL budget, percent over the reference recipe, on the calibration text.")] = 2.0,
+    objective: Annotated[Optional[list[str]], typer.Option(help="decode | prefill | size; repeat for a Pareto search (NSGA-II).")] = None,
+    trials: Annotated[int, typer.Option(min=1, help="Trials to run (a second run into DIR resumes the study).")] = 20,
+    space: Annotated[Optional[Path], typer.Option(help="Search space JSON (default: quantization x layer removal).")] = None,
+    calibration: Annotated[Optional[Path], typer.Option(help="UTF-8 text for the PPL budget (default: onnxlm's).")] = None,
+    runs: Annotated[int, typer.Option(min=1, help="Timing rounds per trial, round-robin with the reference.")] = 3,
+    threads: Threads = None,
+):
+    """Search recipes for the fastest artifact within a PPL budget (Optuna: TPE, or NSGA-II for several
+    objectives). Writes best_recipe.json, best/, pareto.json and trials.csv into -o."""
+    import math
+
+    from onnxlm.schema import read_json, read_text
+    from onnxlm.tune import Space
+    from onnxlm.tune import tune as run_tune
+
+    if math.isnan(max_ppl_increase) or max_ppl_increase < 0:
+        raise OnnxlmError(f"--max-ppl-increase must be a number >= 0, got {max_ppl_increase}")
+    the_space = Space.from_dict(read_json(space, "search space"), str(space)) if space else None
+    text = read_text(calibration) if calibration else None
+    with steps() as say:
+        result = run_tune(model, output, objective or ["decode"], max_ppl_increase, trials, the_space, text, runs,
+                          threads, say=say)
+    table = Table("trial", "picks", "state", "decode x", "prefill x", "PPL +%", "MB", title="trials")
+    for t in result["trials"]:
+        table.add_row(str(t.number), json.dumps(t.picks), t.state + (f": {t.reason}" if t.reason else ""),
+                      f"{t.decode:.2f}", f"{t.prefill:.2f}", f"{t.ppl_increase:+.2f}", f"{t.size / 1e6:.1f}")
+    out.print(table)
+    if result["best"] is None:
+        err.print(f"no trial met the budget of +{max_ppl_increase}% PPL; see {output / 'trials.csv'}")
+        raise typer.Exit(1)
+    out.print(f"best: {json.dumps(result['best'].picks)} -> {output / 'best_recipe.json'}, {output / 'best'}")
+
+
+@app.command()
 def recipes():
     """List the built-in recipes."""
     from onnxlm.passes.recipe import builtin_recipes

@@ -1,0 +1,60 @@
+"""`onnxlm tune` on the tiny model: a 4-trial search whose best recipe rebuilds its artifact byte for byte."""
+
+import json
+
+import pytest
+from cli_helpers import run_cli
+
+import onnxlm
+from onnxlm.errors import OnnxlmError
+from onnxlm.tune import Space
+
+pytest.importorskip("optuna")
+
+SPACE = {
+    "extends": "lowered",
+    "finish": [{"pass": "logits_to_keep"}],
+    "dimensions": [
+        {"name": "quant", "choices": {"fp32": [], "int8": [{"pass": "quant_weight_only", "bits": 8}]}},
+        {"name": "remove_layers", "choices": {"0": [], "1": [{"pass": "remove_layers", "n": 1}]}},
+    ],
+}
+
+
+def test_a_small_search_writes_its_results_and_the_best_recipe_rebuilds_its_artifact(tiny_hf_dir, tmp_path, capsys):
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps(SPACE))
+    out = tmp_path / "tune"
+    code, stdout, err = run_cli(capsys, "tune", tiny_hf_dir, "-o", out, "--space", space, "--trials", "4",
+                                "--max-ppl-increase", "1000", "--runs", "1")
+    assert code == 0, err
+    assert "best:" in stdout
+    rows = (out / "trials.csv").read_text().splitlines()
+    assert len(rows) == 5 and rows[0].startswith("number,picks,state")
+    front = json.loads((out / "pareto.json").read_text())
+    assert front["trials"] and front["objectives"] == ["decode"]
+    rebuilt = onnxlm.optimize(str(tiny_hf_dir), recipe=str(out / "best_recipe.json"), output=tmp_path / "again")
+    for name in ("model.onnx", "model.onnx.data"):
+        assert (out / "best" / name).read_bytes() == (rebuilt.directory / name).read_bytes()
+
+
+def test_a_budget_no_trial_meets_exits_1_with_its_trials_written(tiny_hf_dir, tmp_path, capsys):
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({**SPACE, "dimensions": SPACE["dimensions"][1:]}))
+    out = tmp_path / "tune"
+    code, _, err = run_cli(capsys, "tune", tiny_hf_dir, "-o", out, "--space", space, "--trials", "1",
+                           "--max-ppl-increase", "0", "--runs", "1")
+    rows = (out / "trials.csv").read_text().splitlines()
+    if "over budget" in rows[1]:  # the trial removed a layer: over a 0% budget
+        assert code == 1 and "no trial met the budget" in err
+    else:  # it drew the reference itself: 0.0% is within budget
+        assert code == 0
+
+
+def test_bad_search_spaces_are_one_line():
+    with pytest.raises(OnnxlmError, match="empty"):
+        Space.from_dict({"dimensions": []})
+    with pytest.raises(OnnxlmError, match="unknown pass 'quant_magic'"):
+        Space.from_dict({"dimensions": [{"name": "q", "choices": {"x": [{"pass": "quant_magic"}]}}]})
+    with pytest.raises(OnnxlmError, match="has no option 'bitz'"):
+        Space.from_dict({"dimensions": [{"name": "q", "choices": {"x": [{"pass": "quant_weight_only", "bitz": 4}]}}]})
