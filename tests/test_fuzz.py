@@ -326,3 +326,43 @@ def test_fuzz_cli_options(capsys, tmp_path_factory, tiny_artifact, tiny_hf_dir, 
     for option in data.draw(st.lists(st.sampled_from(OPTIONS[command]), min_size=1, max_size=3, unique=True)):
         args += [option, data.draw(option_values)]
     check_case(capsys, "cli", [*check_args, *args], workdir, workdir / "out", protected=tiny_artifact.directory)
+
+
+REQUEST_KEYS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "n",
+                "presence_penalty", "frequency_penalty", "stream_options", "ignore_eos"]
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() |
+                           st.text(max_size=20), lambda inner: st.lists(inner, max_size=4) |
+                           st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=8)
+
+
+@pytest.fixture(scope="module")
+def served_app(tiny_artifact):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from onnxlm.runtime.engine import EngineConfig
+    from onnxlm.runtime.server import create_app
+
+    app = create_app(tiny_artifact, EngineConfig(slots=2, token_budget=16, max_queue=8, max_context=128), "tiny")
+    with TestClient(app) as client:
+        yield client
+
+
+@fuzz_settings(60)
+@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+       body=st.one_of(st.dictionaries(st.sampled_from(REQUEST_KEYS), JSON_VALUES, max_size=8), JSON_VALUES),
+       valid_base=st.booleans())
+def test_fuzz_server_requests(served_app, path, body, valid_base):
+    """Any JSON body: 200, or 400 / 404 / 429 with OpenAI's error object; never a 500 or a hang."""
+    CASES["server"] += 1
+    if valid_base and isinstance(body, dict):  # mostly valid requests with one or more odd fields
+        body = {"model": "tiny", "prompt": "fox", "messages": [{"role": "user", "content": "fox"}],
+                "max_tokens": 3, **body}
+    start = time.perf_counter()
+    response = served_app.post(path, content=json.dumps(body),  # NaN and Infinity as Python writes them
+                               headers={"Content-Type": "application/json"})
+    assert time.perf_counter() - start < CASE_SECONDS
+    assert response.status_code in (200, 400, 404, 429), (response.status_code, response.text[:300])
+    if response.status_code != 200:
+        error = response.json()["error"]
+        assert isinstance(error["message"], str) and "\n" not in error["message"]
