@@ -31,6 +31,7 @@ def optimize(
     kv_scores: bool = False,
     sparsity: float | None = None,
     overwrite: bool = False,
+    graph_cache=None,
 ) -> Artifact:
     """Load `model`, export it, run the recipe's passes and `ep`'s lowering passes (backends/), and write the
     artifact to `output`, with `ep` as its target.
@@ -44,12 +45,16 @@ def optimize(
     `expose_attention` pass (positions apart from cache slots, attention probabilities as outputs): what the h2o
     and veda KV policies need.
 
+    `graph_cache` (a directory, or a passes.graph_cache.GraphCache) keeps the graph after the recipe's first pass,
+    so that a later build of a recipe with the same start skips the export: `onnxlm tune` uses it.
+
     The whole artifact, draft included, is staged and moved into place in one rename (staging.py): a failed run
     writes nothing and leaves an existing artifact as it was. An existing artifact at `output` is replaced only
     with `overwrite=True`."""
     from onnxlm.artifact import DRAFT_DIR
     from onnxlm.backends import get_backend, probe_backend
     from onnxlm.frontend import load_source
+    from onnxlm.passes.graph_cache import GraphCache
     from onnxlm.passes.larosa.recipe import with_sparsity
     from onnxlm.passes.recipe import load_recipe
     from onnxlm.staging import check_output, staged_output
@@ -83,21 +88,36 @@ def optimize(
                 for r, _ in builds:
                     r.check_fits(source.info)
                 stage.check_space(source.fp32_bytes() * 2 * len(builds))  # the artifact and a scratch copy
+            cache = (graph_cache if isinstance(graph_cache, GraphCache) else GraphCache(Path(graph_cache))
+                     ) if graph_cache and where == Path() else None
             compile_source(source, build_recipe, backend, stage.directory / where, stage.scratch,
-                           calibration_text, say)
+                           calibration_text, say, cache)
     return load(output, ep=probe_backend(backend).name)  # on the target when this machine has it
 
 
 def compile_source(source, recipe, backend, output: Path, scratch: Path, calibration_text: str,
-                   say: Progress) -> None:
-    """Export a loaded source, run the recipe, lower it, write the artifact into `output` (a staging directory)."""
+                   say: Progress, graph_cache=None) -> None:
+    """Export a loaded source, run the recipe, lower it, write the artifact into `output` (a staging directory).
+    With a `graph_cache` (passes/graph_cache.py), start from the graph after the longest cached recipe prefix."""
     from onnxlm.artifact import write_artifact
     from onnxlm.backends import probe_backend
     from onnxlm.frontend.export import export_decoder
-    from onnxlm.passes.base import PassContext
+    from onnxlm.interface import Interface
+    from onnxlm.model_info import ModelInfo
+    from onnxlm.passes.base import PassContext, PassReport
     from onnxlm.passes.manager import run_pipeline
+    from onnxlm.passes.recipe import Recipe
 
-    if source.kind == "onnx":
+    sha = source.describe()["sha256"]
+    hit = graph_cache.lookup(sha, recipe.passes) if graph_cache else None
+    start, done, interface = 0, [], Interface()
+    if hit:
+        start, graph, prior, info, saved_interface = hit
+        say(f"resuming after {start} pass(es) from the graph cache")
+        source.info, interface = ModelInfo.from_dict(info), Interface.from_dict(saved_interface)
+        done = [PassReport(**r) for r in prior]
+        source.torch_model = None
+    elif source.kind == "onnx":
         graph = source.onnx_model
     else:
         say("exporting to ONNX (torch.onnx, dynamo)")
@@ -109,9 +129,16 @@ def compile_source(source, recipe, backend, output: Path, scratch: Path, calibra
     probe = probe_backend(backend)
     if probe is not backend:
         say(f"{backend.providers[0]} is not available here: the pass manager's checks run on {probe.providers[0]}")
-    ctx = PassContext(info=source.info, source=source.describe(), scratch=scratch,
-                      calibration_ids=calibration_ids, quantized_tensors=source.quantized_tensors, probe=probe)
-    reports = run_pipeline(graph, recipe, ctx, on_pass=lambda name: say(f"pass {name}"))
+    ctx = PassContext(info=source.info, source=source.describe(), scratch=scratch, calibration_ids=calibration_ids,
+                      quantized_tensors=source.quantized_tensors, interface=interface, probe=probe)
+
+    def snapshot(i: int, reports: list) -> None:
+        graph_cache.save(sha, recipe.passes[: start + i], graph, [r.to_dict() for r in [*done, *reports]],
+                         ctx.info.to_dict(), ctx.interface.to_dict())
+
+    rest = Recipe(recipe.name, recipe.description, recipe.passes[start:])
+    reports = [*done, *run_pipeline(graph, rest, ctx, on_pass=lambda name: say(f"pass {name}"),
+                                    after_pass=snapshot if graph_cache else None)]
     source.info = ctx.info  # a pass may change the model's facts (remove_layers: num_layers)
     say(f"writing {output}")
     output.mkdir(parents=True, exist_ok=True)

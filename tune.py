@@ -12,9 +12,11 @@ reference artifact (the base recipe plus `finish`) in the same process: decode t
 round-robin with the reference (the score is the ratio), PPL on the calibration text, bytes on disk. Optuna's TPE
 searches one objective, NSGA-II several; trials over the PPL budget are infeasible (Optuna's constraints).
 
-DIR holds: best_recipe.json (rebuilds its artifact byte for byte through `onnxlm optimize --recipe`), best/ (that
-artifact), pareto.json, trials.csv, study.db (Optuna's storage: a second run resumes) and cache/.
-Not built yet: prefix-graph caching, the Ray fan-out, vocabulary trimming and session tuning (issue 23).
+The graph after the export and first pass, and after the base recipe, is cached too (passes/graph_cache.py), so
+a trial pays only for the passes it does not share with an earlier one. DIR holds: best_recipe.json (rebuilds its
+artifact byte for byte through `onnxlm optimize --recipe`), best/ (that artifact), pareto.json, trials.csv,
+study.db (Optuna's storage: a second run resumes), cache/ and graphs/.
+Not built yet: the Ray fan-out, vocabulary trimming and session tuning (issue 23).
 """
 
 from __future__ import annotations
@@ -121,7 +123,12 @@ class Tuner:
         self.model, self.output, self.space, self.objectives = model, Path(output), space, objectives
         self.max_ppl_increase, self.text, self.runs, self.threads, self.say = (max_ppl_increase, calibration_text,
                                                                                 runs, threads, say)
+        from onnxlm.passes.graph_cache import GraphCache
+        from onnxlm.passes.recipe import load_recipe
+
         self.cache = self.output / "cache"
+        # the graph after the export and first pass, and after the base recipe: what most trials share
+        self.graphs = GraphCache(self.output / "graphs", (1, len(load_recipe(space.extends).passes)))
         self.source = source_key(model)
         self.trials: list[Trial] = []
         self.reference = self.build(space.recipe({}))
@@ -137,7 +144,8 @@ class Tuner:
             recipe_file = self.cache / f"{directory.name}.json"
             recipe_file.parent.mkdir(parents=True, exist_ok=True)
             recipe_file.write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
-            onnxlm.optimize(self.model, recipe=str(recipe_file), output=directory, overwrite=True)
+            onnxlm.optimize(self.model, recipe=str(recipe_file), output=directory, overwrite=True,
+                            graph_cache=self.graphs)
         return onnxlm.load(directory, threads=self.threads)
 
     def score(self, number: int, picks: dict[str, str]) -> Trial:

@@ -54,9 +54,11 @@ def check_graph(model, ctx: PassContext, text_ids: list[int] | None = None) -> t
 
 
 def run_pipeline(
-    model, recipe: Recipe, ctx: PassContext, on_pass: Callable[[str], None] | None = None
+    model, recipe: Recipe, ctx: PassContext, on_pass: Callable[[str], None] | None = None,
+    after_pass: Callable[[int, list[PassReport]], None] | None = None,
 ) -> list[PassReport]:
-    """Apply the recipe's passes to `model` in place and return one report per pass.
+    """Apply the recipe's passes to `model` in place and return one report per pass. `after_pass(i, reports)`
+    runs once the first i passes are done and checked (the graph cache snapshots there).
 
     When the recipe has a lossy pass, every graph is also scored on the calibration text, so that each lossy
     pass reports its cost as the PPL before and after it."""
@@ -102,4 +104,6 @@ def run_pipeline(
                 notes=notes,
             )
         )
+        if after_pass:
+            after_pass(len(reports), reports)
     return reports

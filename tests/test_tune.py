@@ -58,3 +58,18 @@ def test_bad_search_spaces_are_one_line():
         Space.from_dict({"dimensions": [{"name": "q", "choices": {"x": [{"pass": "quant_magic"}]}}]})
     with pytest.raises(OnnxlmError, match="has no option 'bitz'"):
         Space.from_dict({"dimensions": [{"name": "q", "choices": {"x": [{"pass": "quant_weight_only", "bitz": 4}]}}]})
+
+
+def test_a_build_resumed_from_the_graph_cache_is_byte_identical(tiny_hf_dir, tmp_path):
+    from onnxlm.passes.graph_cache import GraphCache
+
+    cache = GraphCache(tmp_path / "graphs", (1, 8))
+    first = onnxlm.optimize(str(tiny_hf_dir), recipe="int8", output=tmp_path / "a", graph_cache=cache)
+    said = []
+    second = onnxlm.optimize(str(tiny_hf_dir), recipe="int8", output=tmp_path / "b", graph_cache=cache,
+                             progress=said.append)
+    assert "resuming after 8 pass(es) from the graph cache" in said and not any("exporting" in m for m in said)
+    for name in ("model.onnx", "model.onnx.data"):
+        assert (first.directory / name).read_bytes() == (second.directory / name).read_bytes()
+    assert [r["name"] for r in first.manifest["passes"]] == [r["name"] for r in second.manifest["passes"]]
+    assert first.manifest["passes"][-1]["check"] == second.manifest["passes"][-1]["check"]

@@ -1,0 +1,52 @@
+"""The graph after a recipe prefix, kept on disk so that builds sharing that prefix skip the export and its passes.
+
+An entry is keyed by the source's hash, the onnxlm version and the prefix's pass specs; it holds the graph (with
+external data), the prefix's pass reports, the model facts and the interface after it. `onnxlm tune` uses it:
+every trial shares at least the export and the first cleanup, which take most of a SmolLM2 build. A build that
+resumes from an entry runs the rest of its recipe exactly as an uninterrupted build would (the manager checks the
+first remaining pass against the loaded graph), so its artifact is byte-identical (a test checks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+GRAPH = "graph.onnx"
+
+
+class GraphCache:
+    def __init__(self, directory: Path, snapshots: tuple[int, ...] = (1,)):
+        self.directory = Path(directory)
+        self.snapshots = snapshots  # prefix lengths worth saving (1: after the export and the first pass)
+
+    def _entry(self, source_sha: str, passes: list) -> Path:
+        from onnxlm import __version__
+
+        specs = [p.to_dict() for p in passes]
+        key = hashlib.sha256(json.dumps([source_sha, __version__, specs], sort_keys=True).encode()).hexdigest()
+        return self.directory / key[:24]
+
+    def lookup(self, source_sha: str, passes: list):
+        """(k, graph, reports, info dict, interface dict) for the longest cached prefix of `passes`, or None."""
+        import onnx_ir as ir
+
+        for k in range(len(passes), 0, -1):
+            entry = self._entry(source_sha, passes[:k])
+            if (entry / "state.json").is_file():
+                state = json.loads((entry / "state.json").read_text())
+                return k, ir.load(entry / GRAPH), state["reports"], state["info"], state["interface"]
+        return None
+
+    def save(self, source_sha: str, passes: list, model, reports: list, info: dict, interface: dict) -> None:
+        """Keep the graph after `passes` (a prefix) when its length is one of the snapshots."""
+        import onnx_ir as ir
+
+        entry = self._entry(source_sha, passes)
+        if len(passes) not in self.snapshots or (entry / "state.json").is_file():
+            return
+        entry.mkdir(parents=True, exist_ok=True)
+        ir.save(model, entry / GRAPH, external_data=GRAPH + ".data")
+        state = {"reports": reports, "info": info, "interface": interface}
+        (entry / "state.json").write_text(json.dumps(state))  # last: an entry without it is incomplete
