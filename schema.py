@@ -148,7 +148,7 @@ MODEL_INFO = {
     "architecture": str, "num_layers": Positive, "num_heads": Positive, "num_kv_heads": Positive,
     "head_dim": Positive, "hidden_size": Positive, "vocab_size": Positive, "context_length": Positive,
     "rope_theta": float, "bos_token_id": (int, type(None)), "eos_token_ids": [int], "add_bos_token": Opt(bool),
-    "intermediate_size": Opt(NonNegative),
+    "intermediate_size": Opt(NonNegative), "layer_windows": Opt([NonNegative]), "family": Opt(dict),
 }
 
 RECIPE = {"name": Opt(str), "description": Opt(str), "extends": Opt(str), "passes": [dict]}
