@@ -1,0 +1,137 @@
+"""GroupQueryAttention with what onnxscript's rule leaves out: the softmax scale, logit soft-capping and a
+sliding window.
+
+onnxscript's GQA rule writes GroupQueryAttention without `scale`, `softcap` or `local_window_size` and accepts a
+sliding-window causal mask as if it were a plain one (its mask check passes whatever mask it is given): on Gemma 2
+(query_pre_attn_scalar, soft-capping, sliding layers), Granite (attention_multiplier) or Mistral (a window) it
+would fuse wrongly. This rule is that rule with the three written back: the scale from the SDPA it matched, the
+cap from a `cap * tanh(scores / cap)` that `SoftcapSDPA` folded into that SDPA, the window from the family's
+description of the layer (ModelInfo.layer_windows); the pass manager's probe, which prefills past the widest
+window, checks all three.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+
+
+def _attr(node, name: str):
+    attr = node.attributes.get(name)
+    return None if attr is None else attr.value
+
+
+def rules(layer_windows: list[int]):
+    """The SDPA rules (soft-capped first, then onnxscript's) and our GQA rule, as onnxscript RewriteRuleSets.
+    `layer_windows`: each layer's sliding window (ModelInfo.layer_windows; empty: none)."""
+    import onnx_ir as ir
+    from onnxscript.rewriter import _ir_utils, pattern
+    from onnxscript.rewriter.ort_fusions import gqa as ort_gqa
+    from onnxscript.rewriter.ort_fusions.sdpa import SDPA, sdpa_rules
+
+    class SoftcapSDPA(SDPA):
+        """transformers' eager attention with soft-capping: Softmax(cap * tanh(scale * q k^T / cap) + mask) v."""
+
+        def pattern(self, op, query, key, value, mask, query_scale, key_scale, qk_scale, cap, uncap):
+            scores = op.MatMul(query, op.Transpose(key, perm=[0, 1, 3, 2]))
+            scores = op.Mul(scores, qk_scale)
+            capped = op.Mul(op.Tanh(op.Div(scores, cap)), uncap)
+            weights = op.Softmax(op.Add(capped, mask), axis=-1)
+            return op.MatMul(weights, value)
+
+        def check(self, context, query, key, value, mask, qk_scale, cap, uncap, **_):
+            result = pattern.MatchResult()
+            scale, softcap = _ir_utils.get_singleton_value(qk_scale), _ir_utils.get_singleton_value(cap)
+            if scale is None or softcap is None or _ir_utils.get_singleton_value(uncap) != softcap:
+                return result.fail("the scale or the cap is not one constant", [qk_scale, cap, uncap])
+            self._scale, self._softcap = float(scale), float(softcap)
+            return result
+
+        def rewrite(self, op, query, key, value, mask, **_):
+            return op.SDPA(query, key, value, mask, scale=self._scale, softcap=self._softcap, key_format="BHSd",
+                           _domain="ai.onnxruntime._fusion")
+
+    class GroupQueryAttention(ort_gqa.GroupQueryAttention):
+        def check(self, context, query_BHSDh_rope, mask, **kwargs):
+            result = super().check(context, query_BHSDh_rope=query_BHSDh_rope, mask=mask, **kwargs)
+            if not result:
+                return result
+            sdpa = next(u.node for u in query_BHSDh_rope.uses() if u.node.op_type == "SDPA")
+            head_dim = query_BHSDh_rope.shape[-1] if query_BHSDh_rope.shape is not None else None
+            scale = _attr(sdpa, "scale")
+            if scale is not None and isinstance(head_dim, int) and math.isclose(scale, head_dim ** -0.5,
+                                                                                 rel_tol=1e-6):
+                scale = None
+            self._extra = {}
+            if scale is not None:
+                self._extra["scale"] = float(scale)
+            if _attr(sdpa, "softcap"):
+                self._extra["softcap"] = float(_attr(sdpa, "softcap"))
+            # transformers' mask (And of causal, window and padding terms) is not the one onnxscript's rule
+            # parses, and the rule takes any mask: the window comes from the family's description, per layer.
+            name = kwargs["past_key"].name if kwargs.get("past_key") is not None else ""
+            layer = re.fullmatch(r"past_key_values\.(\d+)\.key", name)
+            if layer is None:
+                return result.fail("cannot tell the layer of this attention", kwargs.get("past_key"))
+            window = layer_windows[int(layer.group(1))] if layer_windows else 0
+            if window:
+                # transformers' sliding_window and GQA's local_window_size agree (measured: the probe prefills
+                # past the window; window - 1 moves the logits).
+                self._extra["local_window_size"] = window
+            return result
+
+        def rewrite(self, op, **kwargs):
+            outputs = super().rewrite(op, **kwargs)
+            node = outputs[0].producer()
+            for name, value in self._extra.items():
+                node.attributes[name] = (ir.AttrFloat32 if isinstance(value, float) else ir.AttrInt64)(name, value)
+            return outputs
+
+    sdpa = pattern.RewriteRuleSet([SoftcapSDPA.rule(), *sdpa_rules.rules])
+    return sdpa, pattern.RewriteRuleSet([GroupQueryAttention.rule()])
+
+
+def expand_leftover_sdpa(model) -> int:
+    """Write every SDPA that no GQA took back as plain ops (MatMul, scale, cap, mask, Softmax, MatMul): the SDPA
+    rule's op lives in onnxscript's scratch domain, which no runtime has. Returns how many were expanded."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    leftovers = [n for n in graph if n.op_type == "SDPA" and n.domain == "ai.onnxruntime._fusion"]
+    for node in leftovers:
+        query, key, value, *mask = node.inputs
+        perm = [0, 1, 3, 2] if _attr(node, "key_format") in (None, "BHSd") else [0, 2, 3, 1]
+        head_dim = query.shape[-1] if query.shape is not None else None
+        scale = _attr(node, "scale")
+        if scale is None:
+            scale = head_dim ** -0.5
+
+        def constant(value_, name):
+            return ir.node("Constant", [], attributes={"value": ir.tensor(np.float32(value_), name=name)})
+
+        nodes = [ir.node("Transpose", [key], attributes={"perm": perm})]
+        nodes.append(ir.node("MatMul", [query, nodes[-1].outputs[0]]))
+        nodes.append(constant(scale, "scale"))
+        nodes.append(ir.node("Mul", [nodes[-2].outputs[0], nodes[-1].outputs[0]]))
+        scores = nodes[-1].outputs[0]
+        cap = _attr(node, "softcap")
+        if cap:
+            nodes.append(constant(cap, "cap"))
+            c = nodes[-1].outputs[0]
+            nodes.append(ir.node("Div", [scores, c]))
+            nodes.append(ir.node("Tanh", [nodes[-1].outputs[0]]))
+            nodes.append(ir.node("Mul", [nodes[-1].outputs[0], c]))
+            scores = nodes[-1].outputs[0]
+        if mask and mask[0] is not None:
+            nodes.append(ir.node("Add", [scores, mask[0]]))
+            scores = nodes[-1].outputs[0]
+        nodes.append(ir.node("Softmax", [scores], attributes={"axis": -1}))
+        nodes.append(ir.node("MatMul", [nodes[-1].outputs[0], value]))
+        graph.insert_before(node, nodes)
+        out = nodes[-1].outputs[0]
+        out.dtype, out.shape = node.outputs[0].dtype, node.outputs[0].shape
+        node.outputs[0].replace_all_uses_with(out)
+        graph.remove(node, safe=True)
+    return len(leftovers)
