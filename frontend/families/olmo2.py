@@ -2,4 +2,5 @@
 
 from onnxlm.frontend.families.base import Family, POST_ATTENTION, POST_MLP
 
-FAMILY = Family("olmo2", block_norms=(POST_ATTENTION, POST_MLP), qk_norm="all_heads")
+# onnxruntime-genai 0.18 has no "olmo2" type; as "olmo" it runs the graph as written (same greedy tokens, tested).
+FAMILY = Family("olmo2", block_norms=(POST_ATTENTION, POST_MLP), qk_norm="all_heads", genai_type="olmo")
