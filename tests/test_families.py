@@ -181,3 +181,17 @@ def test_gemma2_soft_capping_bites(family_builds):
             m.config.final_logit_softcapping = cap
     assert (reference - uncapped_attention).abs().max() > 1e-2
     assert (reference - uncapped_logits).abs().max() > 1e-2
+
+
+def test_sinks_window_refuses_rope_it_cannot_rotate(family_builds):
+    """StreamingLLM moves keys by rotating them with plain RoPE; llama3-scaled frequencies would be rotated
+    wrongly, so the policy is refused in one line."""
+    from onnxlm.errors import OnnxlmError
+    from onnxlm.runtime.kv_policy import KVPolicyConfig
+
+    _, _, artifact = family_builds
+    art = artifact("llama3-rope", "fp32")
+    assert not art.info.plain_rope and artifact("llama", "fp32").info.plain_rope
+    with pytest.raises(OnnxlmError, match="RoPE is not plain"):
+        list(art.generate_ids(prompt(PREFILL), max_new_tokens=4, ignore_eos=True,
+                              decoding=Decoding(kv_policy=KVPolicyConfig("sinks-window", budget=40))))

@@ -10,7 +10,7 @@ from onnxlm.errors import OnnxlmError
 from onnxlm.frontend.families import (gemma, gemma2, gemma3_text, granite, llama, mistral, olmo2, phi3, qwen2,
                                       qwen3, smollm3)
 from onnxlm.frontend.families.base import (Family, attention_implementation, config_fields_missing, describe,
-                                           layer_windows)
+                                           layer_windows, rope_type)
 
 FAMILIES: dict[str, Family] = {m.FAMILY.name: m.FAMILY for m in (
     llama, mistral, qwen2, qwen3, phi3, granite, olmo2, smollm3, gemma, gemma2, gemma3_text)}
@@ -34,4 +34,5 @@ def check_config(config_json: dict, where: str = "config.json") -> Family:
     if missing:
         raise OnnxlmError(f"{where} of this {family.name} checkpoint lacks {', '.join(repr(m) for m in missing)}, "
                           "which the family needs")
+    rope_type(family, config_json.get("rope_scaling"))
     return family

@@ -18,7 +18,11 @@ from onnxlm.errors import OnnxlmError
 PRE_ATTENTION, POST_ATTENTION, PRE_MLP, POST_MLP = "pre_attention", "post_attention", "pre_mlp", "post_mlp"
 LLAMA_BLOCK = (PRE_ATTENTION, PRE_MLP)
 RMS, RMS_ONE_PLUS = "rms", "rms_one_plus"  # x / rms(x) * w, and Gemma's x / rms(x) * (1 + w)
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+# dynamic NTK recomputes inv_freq when a sequence outgrows the cached length: a data-dependent branch that
+# torch.export refuses.
+UNEXPORTABLE_ROPE = {"dynamic": "dynamic NTK RoPE recomputes its frequencies from the sequence length, which the "
+                                "export cannot trace"}
 # Fields every family's config.json must give: the shapes of the graph.
 SHAPE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
 
@@ -51,6 +55,18 @@ class Family:
 
 def config_fields_missing(family: Family, config_json: dict) -> list[str]:
     return [f for f in (*SHAPE_FIELDS, *family.required) if config_json.get(f) is None]
+
+
+def rope_type(family: Family, scaling: dict | None) -> str:
+    """The RoPE type of a config's rope_scaling, or a one-line error for one onnxlm cannot export."""
+    scaling = scaling if isinstance(scaling, dict) else {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in UNEXPORTABLE_ROPE:
+        raise OnnxlmError(f"this {family.name} config's rope_scaling is '{kind}': {UNEXPORTABLE_ROPE[kind]}")
+    if kind not in ROPE_TYPES:
+        raise OnnxlmError(f"unsupported rope_scaling type '{kind}' in this {family.name} config: onnxlm exports "
+                          f"{', '.join(ROPE_TYPES)}")
+    return kind
 
 
 def _field(config: Any, name: str, default=None):
@@ -91,10 +107,7 @@ def layer_windows(family: Family, config: Any) -> list[int]:
 
 def rope_of(family: Family, config: Any, head_dim: int) -> dict:
     scaling = getattr(config, "rope_scaling", None) or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind not in ROPE_TYPES:
-        raise OnnxlmError(f"unsupported rope_scaling type '{kind}' in this {family.name} config: onnxlm exports "
-                          f"{', '.join(ROPE_TYPES)}")
+    kind = rope_type(family, scaling)
     partial = float(getattr(config, "partial_rotary_factor", 1.0) or 1.0)
     layers = config.num_hidden_layers
     if family.rope_layers == "no_rope_layers":

@@ -1,4 +1,4 @@
-"""Llama 1-3 (and SmolLM2): pre-norm RMSNorm blocks, RoPE (llama3 / linear / dynamic / yarn scaling), SwiGLU."""
+"""Llama 1-3 (and SmolLM2): pre-norm RMSNorm blocks, RoPE (llama3 / linear / yarn scaling), SwiGLU."""
 
 from onnxlm.frontend.families.base import Family
 
