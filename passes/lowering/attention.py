@@ -135,3 +135,53 @@ def expand_leftover_sdpa(model) -> int:
         node.outputs[0].replace_all_uses_with(out)
         graph.remove(node, safe=True)
     return len(leftovers)
+
+
+def identity_rotary_for_nope(model) -> int:
+    """Give each attention without RoPE (SmolLM3's NoPE layers) a RotaryEmbedding by cos = 1, sin = 0 on its new
+    query and key, so that the GQA rule, which fuses RoPE into GroupQueryAttention, takes these layers too and
+    every layer shares its KV buffer. One identity pair (cos * 0 + 1, sin * 0) serves them all. Returns the layers given one."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    rotary = next((n for n in graph if n.op_type == "RotaryEmbedding" and n.domain == "com.microsoft"), None)
+    if rotary is None:
+        return 0
+    count, caches = 0, None
+    for sdpa in [n for n in graph if n.op_type == "SDPA" and n.domain == "ai.onnxruntime._fusion"]:
+        query = sdpa.inputs[0]
+        concat = _through(sdpa.inputs[1], ("Reshape", "Expand", "Unsqueeze", "Concat"))
+        if query.producer() is None or query.producer().op_type != "Transpose" or concat is None:
+            continue
+        key = concat.inputs[1]
+        if key.producer() is None or key.producer().op_type != "Transpose":
+            continue
+        if caches is None:  # cos * 0 + 1 and sin * 0: the RoPE layers' cos/sin shape, constant or computed
+            zero, one = (ir.node("Constant", [], attributes={"value": ir.tensor(np.float32(v), name=f"nope_{v}")})
+                         for v in (0, 1))
+            cos0, sin0 = (ir.node("Mul", [rotary.inputs[i], zero.outputs[0]]) for i in (2, 3))
+            cos1 = ir.node("Add", [cos0.outputs[0], one.outputs[0]])
+            graph.insert_before(sdpa, [zero, one, cos0, sin0, cos1])
+            caches = [cos1.outputs[0], sin0.outputs[0]]
+            for cache, like in zip(caches, rotary.inputs[2:4]):
+                cache.dtype, cache.shape = like.dtype, like.shape
+        for consumer, index, value in ((sdpa, 0, query), (concat, 1, key)):
+            node = ir.node("RotaryEmbedding", [value, rotary.inputs[1], *caches], domain="com.microsoft",
+                           attributes={k: a for k, a in rotary.attributes.items()})
+            graph.insert_before(consumer, node)
+            node.outputs[0].dtype, node.outputs[0].shape = value.dtype, value.shape
+            consumer.replace_input_with(index, node.outputs[0])
+        count += 1
+    return count
+
+
+def _through(value, ops: tuple[str, ...]):
+    """The node reached from `value`'s producer by following input 0 through `ops` in order, else None."""
+    node = value.producer() if value is not None else None
+    for op in ops:
+        if node is None or node.op_type != op:
+            return None
+        if op != ops[-1]:
+            node = node.inputs[0].producer() if node.inputs[0] is not None else None
+    return node
+

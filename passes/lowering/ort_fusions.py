@@ -134,7 +134,7 @@ class FuseGroupQueryAttention(_Fusion):
     def fusions(self):
         import onnx_ir.passes.common as common
 
-        from onnxlm.passes.lowering.attention import expand_leftover_sdpa, rules
+        from onnxlm.passes.lowering.attention import expand_leftover_sdpa, identity_rotary_for_nope, rules
 
         sdpa, gqa = rules(self.layer_windows)
 
@@ -145,4 +145,5 @@ class FuseGroupQueryAttention(_Fusion):
 
         # SDPA is the intermediate form that the GQA rule is built from.
         # An SDPA that no GQA took (a layer without RoPE) goes back to plain ops.
-        return {"sdpa": fuse_sdpa, "gqa": gqa.apply_to_model, "sdpa_left_unfused": expand_leftover_sdpa}
+        return {"sdpa": fuse_sdpa, "nope_identity_rotary": identity_rotary_for_nope, "gqa": gqa.apply_to_model,
+                "sdpa_left_unfused": expand_leftover_sdpa}

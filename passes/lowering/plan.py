@@ -33,11 +33,14 @@ def lowering_plan(info: ModelInfo) -> dict[str, dict]:
         rotary_unfused.append(f"{rope['type']} RoPE scales cos/sin, which ORT's RotaryEmbedding cache cannot hold")
     nope = with_rope.count(False)
     if nope:
-        rotary_unfused.append(f"{nope} layer(s) without RoPE (NoPE)")
+        rotary_unfused.append(f"{nope} layer(s) without RoPE (NoPE): fuse_gqa gives them an identity "
+                              "RotaryEmbedding (cos 1, sin 0)")
     rotary = 0 if rope.get("type") in SCALED_COS_SIN else 2 * sum(with_rope)
-    gqa = rotary // 2
-    gqa_unfused = [f"{layers - gqa} layer(s) without a fused RotaryEmbedding keep plain attention (the rule "
-                   "fuses RoPE into GroupQueryAttention), so the KV buffer is not shared"] if gqa < layers else []
+    # The GQA rule fuses RoPE into GroupQueryAttention: without a fused RotaryEmbedding attention stays plain,
+    # and so does the KV buffer (not shared).
+    gqa = layers if rotary else 0
+    gqa_unfused = [] if gqa else ["no fused RotaryEmbedding: attention stays plain ops (the GroupQueryAttention "
+                                  "rule fuses RoPE into it), and the KV buffer is not shared"]
     partial = rope.get("rotary_dim", info.head_dim) < info.head_dim
     if partial:  # RoPE on part of each head: Concat(RotaryEmbedding(x[..., :d]), x[..., d:]), which the rule misses
         gqa, gqa_unfused = 0, [f"partial RoPE ({rope['rotary_dim']} of {info.head_dim} dims per head) keeps plain "
