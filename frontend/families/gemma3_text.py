@@ -1,4 +1,5 @@
-"""Gemma 3 (text): Gemma 2's block with q/k RMSNorm per head instead of soft-capping, sliding layers with their own RoPE base (rope_local_base_freq)."""
+"""Gemma 3 (text): Gemma 2's block with q/k RMSNorm per head instead of soft-capping, sliding layers with their own
+RoPE base (rope_local_base_freq)."""
 
 from onnxlm.frontend.families.base import Family, POST_ATTENTION, POST_MLP, PRE_ATTENTION, PRE_MLP, RMS_ONE_PLUS
 

@@ -1,4 +1,5 @@
-"""Granite 3: llama's block with multipliers on the embedding, the attention scores, each residual branch and the logits."""
+"""Granite 3: llama's block with multipliers on the embedding, the attention scores, each residual branch and the
+logits."""
 
 from onnxlm.frontend.families.base import Family
 

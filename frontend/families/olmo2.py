@@ -1,4 +1,5 @@
-"""OLMo 2: post-norms only (after attention and after the MLP, before each residual add), an RMSNorm over all query and key heads at once."""
+"""OLMo 2: post-norms only (after attention and after the MLP, before each residual add), an RMSNorm over all query and
+key heads at once."""
 
 from onnxlm.frontend.families.base import Family, POST_ATTENTION, POST_MLP
 

@@ -1,4 +1,5 @@
-"""SmolLM3: llama's block without RoPE on every no_rope_layer_interval-th layer (NoPE), sliding windows with use_sliding_window."""
+"""SmolLM3: llama's block without RoPE on every no_rope_layer_interval-th layer (NoPE), sliding windows with
+use_sliding_window."""
 
 from onnxlm.frontend.families.base import Family
 

@@ -140,7 +140,8 @@ def expand_leftover_sdpa(model) -> int:
 def identity_rotary_for_nope(model) -> int:
     """Give each attention without RoPE (SmolLM3's NoPE layers) a RotaryEmbedding by cos = 1, sin = 0 on its new
     query and key, so that the GQA rule, which fuses RoPE into GroupQueryAttention, takes these layers too and
-    every layer shares its KV buffer. One identity pair (cos * 0 + 1, sin * 0) serves them all. Returns the layers given one."""
+    every layer shares its KV buffer. One identity pair (cos * 0 + 1, sin * 0) serves them all. Returns the layers
+    given one."""
     import onnx_ir as ir
 
     graph = model.graph
