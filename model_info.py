@@ -55,6 +55,15 @@ class ModelInfo:
         return (rope.get("type") == "default" and rope.get("rotary_dim") == self.head_dim
                 and all(rope.get("layers", [True])) and not local)
 
+    def without_layers(self, drop: list[int]) -> ModelInfo:
+        """These facts for the model without the layers `drop`: the per-layer lists keep the other layers'."""
+        kept = [i for i in range(self.num_layers) if i not in set(drop)]
+        family = dict(self.family)
+        if "rope" in family and "layers" in family["rope"]:
+            family["rope"] = {**family["rope"], "layers": [family["rope"]["layers"][i] for i in kept]}
+        windows = [self.layer_windows[i] for i in kept] if self.layer_windows else []
+        return dataclasses.replace(self, num_layers=len(kept), layer_windows=windows, family=family)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

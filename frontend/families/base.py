@@ -92,7 +92,15 @@ def _embedding_scale(family: Family, config: Any) -> float:
 
 
 def layer_windows(family: Family, config: Any) -> list[int]:
-    """Each layer's sliding window (0: full attention), as transformers' attention modules apply them."""
+    """Each layer's sliding window (0: full attention), as transformers' attention modules apply them; a bad value
+    is a one-line error."""
+    try:
+        return _layer_windows(family, config)
+    except (TypeError, ValueError) as exc:
+        raise OnnxlmError(f"this {family.name} config's sliding window is not readable: {exc}") from None
+
+
+def _layer_windows(family: Family, config: Any) -> list[int]:
     layers = config.num_hidden_layers
     window = int(getattr(config, "sliding_window", None) or 0)
     if family.windows == "none" or not window:
@@ -131,7 +139,15 @@ def attention_implementation(family: Family, config: Any) -> str | None:
 
 
 def describe(family: Family, config: Any) -> dict:
-    """The family's description with this config's values: plain JSON data, stored as ModelInfo.family."""
+    """The family's description with this config's values: plain JSON data, stored as ModelInfo.family. A value
+    of the wrong kind (a string where a number belongs) is a one-line error."""
+    try:
+        return _describe(family, config)
+    except (TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise OnnxlmError(f"this {family.name} config has a value onnxlm cannot read: {exc}") from None
+
+
+def _describe(family: Family, config: Any) -> dict:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     activation = _field(config, family.activation) or getattr(config, "hidden_act", "silu")
     return {
