@@ -20,7 +20,8 @@ VARIANTS = {
     "qwen2-untied": ("qwen2", {"tie_word_embeddings": False}),
     "qwen3": ("qwen3", {}),
     "phi3": ("phi3", {"pad_token_id": 0, "tie_word_embeddings": False}),
-    "phi3-partial": ("phi3", {"pad_token_id": 0, "tie_word_embeddings": False, "partial_rotary_factor": 0.5}),
+    "phi3-partial": ("phi3", {"pad_token_id": 0, "tie_word_embeddings": False, "partial_rotary_factor": 0.5,
+                              "head_dim": 32}),  # RoPE on 16 of 32 dims: GQA's cos cache needs a multiple of 8
     "gemma": ("gemma", {"pad_token_id": 0}),
     "gemma2-softcap": ("gemma2", {"pad_token_id": 0, "attn_logit_softcapping": 2.0, "final_logit_softcapping": 1.5,
                                   "query_pre_attn_scalar": 24, "sliding_window": 8, "initializer_range": 0.1}),

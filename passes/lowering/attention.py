@@ -186,3 +186,51 @@ def _through(value, ops: tuple[str, ...]):
             node = node.inputs[0].producer() if node.inputs[0] is not None else None
     return node
 
+
+
+def gqa_takes_rotary_dim(rotary_dim: int) -> bool:
+    """ORT's GroupQueryAttention rotates with a cos cache of rotary_dim / 2 columns, which must be a multiple of 8."""
+    return rotary_dim % 16 == 0
+
+
+def whole_head_partial_rotary(model) -> int:
+    """Concat(RotaryEmbedding(x[..., :d]), x[..., d:]) -> RotaryEmbedding(x, rotary_embedding_dim=d): partial RoPE
+    (Phi-4-mini) as one op on the whole head, the form the GQA rule matches. Returns the rotaries rewritten."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    count = 0
+    for rotary in [n for n in graph if n.op_type == "RotaryEmbedding" and n.domain == "com.microsoft"]:
+        head, uses = rotary.inputs[0].producer(), rotary.outputs[0].uses()
+        if head is None or head.op_type != "Slice" or len(uses) != 1 or uses[0].node.op_type != "Concat":
+            continue
+        concat = uses[0].node
+        rest = concat.inputs[1].producer() if len(concat.inputs) == 2 else None
+        bounds = [_constant_ints(v) for v in (*head.inputs[1:], *(rest.inputs[1:] if rest is not None else ()))]
+        if (rest is None or rest.op_type != "Slice" or rest.inputs[0] is not head.inputs[0]
+                or concat.inputs[0] is not rotary.outputs[0] or None in bounds or len(bounds) != 8):
+            continue
+        (start, end, axis, step), (start2, _, axis2, step2) = bounds[:4], bounds[4:]
+        rank = len(head.inputs[0].shape or ())
+        if start != [0] or start2 != end or step != step2 != [1] or {axis[0] % 4, axis2[0] % 4} != {3} or rank != 4:
+            continue
+        if not gqa_takes_rotary_dim(end[0]):
+            continue
+        attributes = {k: a for k, a in rotary.attributes.items()}
+        attributes["rotary_embedding_dim"] = ir.AttrInt64("rotary_embedding_dim", end[0])
+        whole = ir.node("RotaryEmbedding", [head.inputs[0], *rotary.inputs[1:]], domain="com.microsoft",
+                        attributes=attributes)
+        graph.insert_before(rotary, whole)
+        whole.outputs[0].dtype, whole.outputs[0].shape = concat.outputs[0].dtype, concat.outputs[0].shape
+        concat.outputs[0].replace_all_uses_with(whole.outputs[0])
+        for node in (concat, rotary, head, rest):
+            if not any(o.uses() for o in node.outputs):
+                graph.remove(node, safe=True)
+        count += 1
+    return count
+
+
+def _constant_ints(value) -> list[int] | None:
+    if value is None or value.const_value is None:
+        return None
+    return [int(v) for v in np.asarray(value.const_value.numpy()).reshape(-1)]

@@ -134,7 +134,8 @@ class FuseGroupQueryAttention(_Fusion):
     def fusions(self):
         import onnx_ir.passes.common as common
 
-        from onnxlm.passes.lowering.attention import expand_leftover_sdpa, identity_rotary_for_nope, rules
+        from onnxlm.passes.lowering.attention import (expand_leftover_sdpa, identity_rotary_for_nope, rules,
+                                                      whole_head_partial_rotary)
 
         sdpa, gqa = rules(self.layer_windows)
 
@@ -145,5 +146,6 @@ class FuseGroupQueryAttention(_Fusion):
 
         # SDPA is the intermediate form that the GQA rule is built from.
         # An SDPA that no GQA took (a layer without RoPE) goes back to plain ops.
-        return {"sdpa": fuse_sdpa, "nope_identity_rotary": identity_rotary_for_nope, "gqa": gqa.apply_to_model,
+        return {"partial_rotary": whole_head_partial_rotary, "sdpa": fuse_sdpa,
+                "nope_identity_rotary": identity_rotary_for_nope, "gqa": gqa.apply_to_model,
                 "sdpa_left_unfused": expand_leftover_sdpa}

@@ -9,6 +9,7 @@ An artifact or an ONNX source without a description is read as llama's (every bl
 from __future__ import annotations
 
 from onnxlm.model_info import ModelInfo
+from onnxlm.passes.lowering.attention import gqa_takes_rotary_dim
 
 # ORT's RotaryEmbedding takes a cos/sin cache of plain cos and sin; these RoPE types scale them (attention_factor).
 SCALED_COS_SIN = ("yarn", "longrope")
@@ -41,10 +42,12 @@ def lowering_plan(info: ModelInfo) -> dict[str, dict]:
     gqa = layers if rotary else 0
     gqa_unfused = [] if gqa else ["no fused RotaryEmbedding: attention stays plain ops (the GroupQueryAttention "
                                   "rule fuses RoPE into it), and the KV buffer is not shared"]
-    partial = rope.get("rotary_dim", info.head_dim) < info.head_dim
-    if partial:  # RoPE on part of each head: Concat(RotaryEmbedding(x[..., :d]), x[..., d:]), which the rule misses
-        gqa, gqa_unfused = 0, [f"partial RoPE ({rope['rotary_dim']} of {info.head_dim} dims per head) keeps plain "
-                               "attention: the GroupQueryAttention rule matches RoPE over whole heads only"]
+    rotary_dim = rope.get("rotary_dim", info.head_dim)
+    # Partial RoPE (Phi-4-mini) becomes one RotaryEmbedding over the whole head (rotary_embedding_dim), which GQA
+    # takes when its cos cache width, rotary_dim / 2, is a multiple of 8.
+    if rotary_dim < info.head_dim and not gqa_takes_rotary_dim(rotary_dim):
+        gqa, gqa_unfused = 0, [f"partial RoPE over {rotary_dim} of {info.head_dim} dims keeps plain attention: "
+                               "ORT's GroupQueryAttention needs rotary_dim / 2 to be a multiple of 8"]
     return {
         "fuse_skip_rms_norm": {"count": skip, "counts": ["skip_rms_normalization"], "run": True,
                                "unfused": skip_unfused},
