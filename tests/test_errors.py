@@ -78,6 +78,7 @@ def test_config_field_a_family_needs(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("scaling, words", [({"rope_type": "dynamic", "factor": 2.0}, ("'dynamic'", "cannot trace")),
+                                            ({"type": "longrope"}, ("'longrope'", "cannot trace")),
                                             ({"rope_type": "mrope"}, ("unsupported rope_scaling type 'mrope'",))])
 def test_rope_scaling_onnxlm_cannot_export(capsys, tmp_path, scaling, words):
     hf = tmp_path / "llama"

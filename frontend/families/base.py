@@ -18,11 +18,12 @@ from onnxlm.errors import OnnxlmError
 PRE_ATTENTION, POST_ATTENTION, PRE_MLP, POST_MLP = "pre_attention", "post_attention", "pre_mlp", "post_mlp"
 LLAMA_BLOCK = (PRE_ATTENTION, PRE_MLP)
 RMS, RMS_ONE_PLUS = "rms", "rms_one_plus"  # x / rms(x) * w, and Gemma's x / rms(x) * (1 + w)
-ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
-# dynamic NTK recomputes inv_freq when a sequence outgrows the cached length: a data-dependent branch that
-# torch.export refuses.
-UNEXPORTABLE_ROPE = {"dynamic": "dynamic NTK RoPE recomputes its frequencies from the sequence length, which the "
-                                "export cannot trace"}
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# RoPE types whose frequencies depend on the sequence length: a data-dependent branch that torch.export refuses.
+UNEXPORTABLE_ROPE = {
+    "dynamic": "dynamic NTK RoPE recomputes its frequencies from the sequence length, which the export cannot trace",
+    "longrope": "LongRoPE picks its short or long factors from the sequence length, which the export cannot trace",
+}
 # Fields every family's config.json must give: the shapes of the graph.
 SHAPE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
 

@@ -145,7 +145,7 @@ class FuseGroupQueryAttention(_Fusion):
             return count
 
         # SDPA is the intermediate form that the GQA rule is built from.
-        # An SDPA that no GQA took (a layer without RoPE) goes back to plain ops.
+        # An SDPA that no GQA took (yarn RoPE, partial RoPE GQA cannot rotate) goes back to plain ops.
         return {"partial_rotary": whole_head_partial_rotary, "sdpa": fuse_sdpa,
                 "nope_identity_rotary": identity_rotary_for_nope, "gqa": gqa.apply_to_model,
                 "sdpa_left_unfused": expand_leftover_sdpa}

@@ -12,7 +12,7 @@ from onnxlm.model_info import ModelInfo
 from onnxlm.passes.lowering.attention import gqa_takes_rotary_dim
 
 # ORT's RotaryEmbedding takes a cos/sin cache of plain cos and sin; these RoPE types scale them (attention_factor).
-SCALED_COS_SIN = ("yarn", "longrope")
+SCALED_COS_SIN = ("yarn",)
 
 
 def lowering_plan(info: ModelInfo) -> dict[str, dict]:
