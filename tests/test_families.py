@@ -195,3 +195,19 @@ def test_sinks_window_refuses_rope_it_cannot_rotate(family_builds):
     with pytest.raises(OnnxlmError, match="RoPE is not plain"):
         list(art.generate_ids(prompt(PREFILL), max_new_tokens=4, ignore_eos=True,
                               decoding=Decoding(kv_policy=KVPolicyConfig("sinks-window", budget=40))))
+
+
+def test_artifacts_without_a_description_read_as_llama():
+    """A manifest written before families were described (no `family`, no `layer_windows`) gets llama's plan,
+    plain RoPE, and keeps sharing its KV buffer; a graph with one layer left unfused does not share it."""
+    from onnxlm.model_info import ModelInfo, shares_kv_buffer
+    from onnxlm.passes.lowering.plan import lowering_plan
+
+    info = ModelInfo("llama", 30, 9, 3, 64, 576, 49152, 8192, 100000.0, 1, [2])
+    plan = lowering_plan(info)
+    assert {name: p["count"] for name, p in plan.items()} == {"fuse_skip_rms_norm": 60, "fuse_rotary": 60,
+                                                              "fuse_gqa": 30}
+    assert not any(p["unfused"] for p in plan.values()) and info.plain_rope and info.sliding_window == 0
+    assert shares_kv_buffer({"com.microsoft::GroupQueryAttention": 30}, 30)
+    assert not shares_kv_buffer({"com.microsoft::GroupQueryAttention": 29}, 30)
+    assert not shares_kv_buffer({}, 30)
