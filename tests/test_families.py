@@ -211,3 +211,30 @@ def test_artifacts_without_a_description_read_as_llama():
     assert shares_kv_buffer({"com.microsoft::GroupQueryAttention": 30}, 30)
     assert not shares_kv_buffer({"com.microsoft::GroupQueryAttention": 29}, 30)
     assert not shares_kv_buffer({}, 30)
+
+
+def test_remove_layers_on_a_scaled_embedding(family_builds, tmp_path):
+    """Gemma scales its embedding (Gather, then Mul): the residual stream starts after the scale, and the model
+    without a layer matches transformers without it."""
+    import torch
+
+    import onnxlm
+    from reference import drop_layers
+
+    checkpoint, model, _ = family_builds
+    art = onnxlm.optimize(str(checkpoint("gemma")), recipe="fp32", output=tmp_path / "a", remove_layers=1)
+    removed = next(p for p in art.manifest["passes"] if p["name"] == "remove_layers")["check"]["removed_layers"]
+    ids = prompt(12)
+    reference = model("gemma")
+    layers = list(reference.model.layers)
+    try:
+        drop_layers(reference, removed)
+        with torch.no_grad():
+            expected = reference(torch.tensor([ids])).logits[0].numpy()
+    finally:  # the session's model keeps its layers for the other tests
+        for index, layer in enumerate(layers):
+            layer.self_attn.layer_idx = index
+        reference.model.layers = torch.nn.ModuleList(layers)
+        reference.config.num_hidden_layers = len(layers)
+    ours = art.session.step(np.asarray([ids]), art.session.new_cache(capacity=16))[0]
+    assert art.info.num_layers == 1 and np.abs(ours - expected).max() <= 1e-4
