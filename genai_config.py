@@ -33,7 +33,7 @@ def genai_config(info: ModelInfo, op_histogram: dict[str, int], model_file: str 
                 if sample and k in generation}
     config = {
         "model": {
-            "type": info.architecture,
+            "type": info.family.get("genai_type", info.architecture),
             "bos_token_id": info.bos_token_id,
             "eos_token_id": eos[0] if len(eos) == 1 else eos,
             "pad_token_id": eos[0] if eos else 0,
@@ -67,7 +67,7 @@ def genai_config(info: ModelInfo, op_histogram: dict[str, int], model_file: str 
             "num_return_sequences": 1,
             "min_length": 0,
             "max_length": info.context_length,
-            "past_present_share_buffer": shares_kv_buffer(op_histogram),
+            "past_present_share_buffer": shares_kv_buffer(op_histogram, info.num_layers),
             "top_k": 1,
             "top_p": 1.0,
             "temperature": 1.0,

@@ -8,24 +8,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from onnxlm.errors import OnnxlmError
 
-# Decoder families whose export we test: llama-style blocks (RMSNorm, RoPE, GQA, SwiGLU).
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
-
-
-def check_architecture(arch: str | None) -> str:
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise OnnxlmError(
-            f"unsupported architecture '{arch}': onnxlm exports {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    return arch
-
-
-def shares_kv_buffer(op_histogram: dict[str, int]) -> bool:
+def shares_kv_buffer(op_histogram: dict[str, int], num_layers: int = 1) -> bool:
     """Whether one buffer can be both past and present: GroupQueryAttention reads lengths from position_ids,
-    not from the past's shape. The plain export concatenates past and new K/V and cannot share."""
-    return "com.microsoft::GroupQueryAttention" in op_histogram
+    not from the past's shape. The plain export concatenates past and new K/V and cannot share, nor can a graph
+    in which some layer's attention stayed unfused (a layer without RoPE)."""
+    return op_histogram.get("com.microsoft::GroupQueryAttention", 0) >= num_layers > 0
 
 
 @dataclasses.dataclass
@@ -45,6 +33,36 @@ class ModelInfo:
     eos_token_ids: list[int]
     add_bos_token: bool = False
     intermediate_size: int = 0  # the MLP's width (0: unknown, in artifacts written before it was recorded)
+    # Each layer's sliding attention window (0: full attention); empty: every layer full (and older artifacts).
+    layer_windows: list[int] = dataclasses.field(default_factory=list)
+    # The family's description with this model's values (frontend/families: norms, rotary, soft-capping, ...);
+    # empty for artifacts written before it was recorded, and read as llama's then.
+    family: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def sliding_window(self) -> int:
+        """The widest sliding window of any layer (0: none): past it, a sliding layer no longer sees a token."""
+        return max(self.layer_windows, default=0)
+
+    @property
+    def plain_rope(self) -> bool:
+        """Whether every layer's keys carry rotate-half RoPE with inv_freq = rope_theta^(-2i/head_dim) over the whole
+        head: what moving keys by a rotation (runtime/kv_policy.rotate_keys) assumes."""
+        rope = self.family.get("rope")
+        if not rope:
+            return True  # written before families were described: llama's
+        local = rope.get("local_theta") and rope["local_theta"] != rope["theta"] and any(self.layer_windows)
+        return (rope.get("type") == "default" and rope.get("rotary_dim") == self.head_dim
+                and all(rope.get("layers", [True])) and not local)
+
+    def without_layers(self, drop: list[int]) -> ModelInfo:
+        """These facts for the model without the layers `drop`: the per-layer lists keep the other layers'."""
+        kept = [i for i in range(self.num_layers) if i not in set(drop)]
+        family = dict(self.family)
+        if "rope" in family and "layers" in family["rope"]:
+            family["rope"] = {**family["rope"], "layers": [family["rope"]["layers"][i] for i in kept]}
+        windows = [self.layer_windows[i] for i in kept] if self.layer_windows else []
+        return dataclasses.replace(self, num_layers=len(kept), layer_windows=windows, family=family)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -56,7 +74,10 @@ class ModelInfo:
 
     @classmethod
     def from_hf_config(cls, config: Any, eos_token_ids: list[int] | None = None) -> ModelInfo:
-        arch = check_architecture(config.model_type)
+        from onnxlm.frontend.families import describe, family_for, layer_windows
+
+        family = family_for(config.model_type)
+        windows = layer_windows(family, config)
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         eos = eos_token_ids if eos_token_ids is not None else config.eos_token_id
@@ -65,7 +86,7 @@ class ModelInfo:
         elif isinstance(eos, int):
             eos = [eos]
         return cls(
-            architecture=arch,
+            architecture=family.name,
             num_layers=config.num_hidden_layers,
             num_heads=heads,
             num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
@@ -77,4 +98,6 @@ class ModelInfo:
             bos_token_id=config.bos_token_id,
             eos_token_ids=list(eos),
             intermediate_size=int(getattr(config, "intermediate_size", 0) or 0),
+            layer_windows=windows if any(windows) else [],
+            family=describe(family, config),
         )

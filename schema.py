@@ -144,11 +144,22 @@ def _kind(value: Any) -> str:
 
 
 # The decoder facts every artifact and the runtime share (model_info.ModelInfo).
+# ModelInfo.family: the family's description (frontend/families/base.py describe), read by the lowering's plan and
+# the runtime (plain_rope, genai's model type); every key optional, as in artifacts written before it.
+FAMILY = {
+    "family": Opt(str), "norm": Opt(str), "block_norms": Opt([str]), "qk_norm": Opt(str), "qkv_bias": Opt(bool),
+    "activation": Opt(str), "embedding_scale": Opt(float), "attention_scale": Opt(float),
+    "residual_multiplier": Opt(float), "logits_divisor": Opt(float), "attention_softcap": Opt(float),
+    "final_softcap": Opt(float), "tied_head": Opt(bool), "genai_type": Opt(str),
+    "rope": Opt({"theta": Opt(float), "local_theta": Opt(float), "type": Opt(str), "factor": Opt(float),
+                 "rotary_dim": Opt(NonNegative), "layers": Opt([bool])}),
+}
+
 MODEL_INFO = {
     "architecture": str, "num_layers": Positive, "num_heads": Positive, "num_kv_heads": Positive,
     "head_dim": Positive, "hidden_size": Positive, "vocab_size": Positive, "context_length": Positive,
     "rope_theta": float, "bos_token_id": (int, type(None)), "eos_token_ids": [int], "add_bos_token": Opt(bool),
-    "intermediate_size": Opt(NonNegative),
+    "intermediate_size": Opt(NonNegative), "layer_windows": Opt([NonNegative]), "family": Opt(FAMILY),
 }
 
 RECIPE = {"name": Opt(str), "description": Opt(str), "extends": Opt(str), "passes": [dict]}

@@ -12,7 +12,8 @@ from pathlib import Path
 from onnxlm.errors import OnnxlmError, first_line
 from onnxlm.frontend.generation_defaults import from_gguf_metadata
 from onnxlm.frontend.source import Source, sha256_of
-from onnxlm.model_info import ModelInfo, check_architecture
+from onnxlm.frontend.families import family_for
+from onnxlm.model_info import ModelInfo
 
 
 # Far above any real GGUF (a few dozen keys, a few thousand tensors of at most 4 dims); a count past these is a
@@ -110,7 +111,7 @@ def gguf_tokenizer(converted, meta: dict):
 
 def load_gguf(path: Path) -> Source:
     meta = read_gguf_metadata(path)
-    arch = check_architecture(meta.get("general.architecture"))
+    arch = family_for(meta.get("general.architecture"), gguf=True).name
     check_model_size(path, meta, arch)
 
     import torch

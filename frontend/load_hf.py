@@ -8,7 +8,8 @@ from pathlib import Path
 from onnxlm.errors import OnnxlmError, first_line
 from onnxlm.frontend.generation_defaults import from_hf_generation_config
 from onnxlm.frontend.source import Source, sha256_of
-from onnxlm.model_info import ModelInfo, check_architecture
+from onnxlm.frontend.families import attention_implementation, check_config
+from onnxlm.model_info import ModelInfo
 from onnxlm.schema import TOKENIZER_CONFIG, Opt, read_json, read_text, read_tokenizer
 
 # Weights in Python's pickle format: loading one can run any code its author put in it.
@@ -32,7 +33,7 @@ def load_hf(directory: Path) -> Source:
     if not config_path.is_file():
         raise OnnxlmError(f"{directory} is not an HF checkpoint: it has no config.json")
     config_json = read_json(config_path, "config", {"model_type": Opt(str)})
-    check_architecture(config_json.get("model_type"))
+    family = check_config(config_json, f"{config_path}")
     tokenizer_path = directory / "tokenizer.json"
     if not tokenizer_path.is_file():
         raise OnnxlmError(f"{directory} has no tokenizer.json (a fast tokenizer is required)")
@@ -54,8 +55,10 @@ def load_hf(directory: Path) -> Source:
     import transformers
 
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
-                                                                  use_safetensors=True)
+        attention = attention_implementation(family, transformers.AutoConfig.from_pretrained(directory))
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            directory, dtype=torch.float32, use_safetensors=True,
+            **({"attn_implementation": attention} if attention else {}))
     except Exception as exc:  # transformers raises many types for a broken checkpoint
         raise OnnxlmError(f"cannot load the checkpoint in {directory}: {first_line(exc)}") from None
     model.eval()

@@ -44,11 +44,13 @@ def feeds_for(session, info: ModelInfo, tokens: np.ndarray, start: int, past: di
 
 def probe_logits(session, info: ModelInfo, interface: Interface | None = None) -> np.ndarray:
     """Logits of random tokens in two steps: a prefill of 3 tokens from an empty cache, then 4 more tokens on
-    the cache it produced. Both the no-past and the with-past paths are exercised, on realistic K/V values."""
+    the cache it produced. Both the no-past and the with-past paths are exercised, on realistic K/V values. A
+    model with sliding windows prefills one token more than its widest window, so that the 4 tokens after it
+    attend across the window's edge and a pass that moved the edge shows in their logits."""
     rng = np.random.default_rng(0)
     outputs = [o.name for o in session.get_outputs()]
     past, start = None, 0
-    for seq in (PROBE_PAST, PROBE_SEQ):
+    for seq in (max(PROBE_PAST, info.sliding_window + 1), PROBE_SEQ):
         tokens = rng.integers(0, info.vocab_size, (1, seq), dtype=np.int64)
         result = dict(zip(outputs, session.run(outputs, feeds_for(session, info, tokens, start, past,
                                                                   interface=interface))))

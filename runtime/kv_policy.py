@@ -86,6 +86,10 @@ class Policy:
         """Record what the step that wrote the last `n` slots saw (scored policies)."""
 
     def check_positions(self, model) -> None:
+        if self.config.relative and not self.info.plain_rope:
+            raise OnnxlmError(f"--kv-policy {self.config.name} moves keys by rotating them with plain RoPE, and this "
+                              f"{self.info.architecture} model's RoPE is not plain (scaled, partial, per-layer or "
+                              "absent on some layers): use h2o or veda on a `--kv-scores` artifact")
         if not self.config.relative and not model.interface.has("kv_positions"):
             raise OnnxlmError(f"--kv-policy {self.config.name} keeps original positions: it needs an artifact "
                               "built with `onnxlm optimize ... --kv-scores`")

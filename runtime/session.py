@@ -85,7 +85,7 @@ class DecoderSession:
                               f"KV inputs for {graph_layers // 2}")
         self.kv_input_names = self._ordered_kv("past_key_values.{}.{}")
         self.kv_output_names = self._ordered_kv("present.{}.{}")
-        self.shared_kv = shares_kv_buffer(self.manifest.get("op_histogram", {}))
+        self.shared_kv = shares_kv_buffer(self.manifest.get("op_histogram", {}), self.info.num_layers)
         self.interface = Interface.from_dict(self.manifest["interface"])
         self.extensions = [EXTENSIONS[f](self.interface.of(f), self.info) for f in self.interface.features
                            if f in EXTENSIONS]

@@ -43,19 +43,23 @@ def build_tiny_tokenizer(vocab_size: int):
     return tok
 
 
-def write_tiny_llama(directory: Path, model_type: str = "llama", layers: int = 2, seed: int = 0) -> Path:
-    """A random llama-style checkpoint (vocab 320, hidden 64, GQA 4/2 heads) with a byte-level BPE tokenizer."""
+def write_tiny_llama(directory: Path, model_type: str = "llama", layers: int = 2, seed: int = 0,
+                     variant: str | None = None) -> Path:
+    """A random checkpoint (vocab 320, hidden 64, GQA 4/2 heads) with a byte-level BPE tokenizer: a llama, or any
+    family's tiny `variant` (tests/tiny_families.py; `model_type` "qwen2" is that family's untied variant's
+    shape with a tied head)."""
     import torch
     import transformers
 
+    from tiny_families import BASE, tiny_config
+
     directory.mkdir(parents=True, exist_ok=True)
     tok = build_tiny_tokenizer(320)
-    config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[model_type]
-    config = config_cls(
-        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
-        tie_word_embeddings=True,
-    )
+    if variant is None:
+        config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[model_type]
+        config = config_cls(**BASE, num_hidden_layers=layers)
+    else:
+        config = tiny_config(variant, layers)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     model.save_pretrained(directory)
@@ -197,3 +201,25 @@ def pytest_terminal_summary(terminalreporter):
     if fuzz is not None and fuzz.CASES:
         per_target = ", ".join(f"{target} {n}" for target, n in sorted(fuzz.CASES.items()))
         terminalreporter.write_line(f"fuzz: {sum(fuzz.CASES.values())} cases tried ({per_target})")
+
+
+ARCH_COLUMNS = ("fp32 parity", "greedy 32", "fused ops", "left unfused", "int4-rtn", "genai")
+
+
+def pytest_sessionfinish(session):
+    """With ONNXLM_ARCH_TABLE=PATH, write the family table (docs/architectures.md) from test_families' results."""
+    import sys
+
+    families = sys.modules.get("test_families")
+    target = os.environ.get("ONNXLM_ARCH_TABLE")
+    if not target or families is None or not families.RESULTS:
+        return
+    from tiny_families import VARIANTS
+
+    rows = ["| variant | model_type | " + " | ".join(ARCH_COLUMNS) + " |", "|" + "---|" * (len(ARCH_COLUMNS) + 2)]
+    for variant, cells in families.RESULTS.items():
+        row = [variant, VARIANTS[variant][0], *(cells.get(c, "not run").replace("|", "/") for c in ARCH_COLUMNS)]
+        rows.append("| " + " | ".join(row) + " |")
+    text = Path(target).read_text() if Path(target).exists() else ""
+    head = text.split("<!-- table -->")[0] if "<!-- table -->" in text else text
+    Path(target).write_text(head.rstrip("\n") + "\n\n<!-- table -->\n" + "\n".join(rows) + "\n")

@@ -63,7 +63,31 @@ def test_unsupported_architecture(capsys, tmp_path):
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     code, err = optimize_fails(capsys, tmp_path, hf)
-    assert_one_line_error(code, err, "unsupported architecture 'gpt2'")
+    assert_one_line_error(code, err, "unsupported architecture 'gpt2'", "llama", "gemma2", "olmo2", "smollm3")
+
+
+def test_config_field_a_family_needs(capsys, tmp_path):
+    """A field the family cannot do without, missing from config.json: one line, before the weights load."""
+    hf = tmp_path / "gemma2"
+    hf.mkdir()
+    fields = {"model_type": "gemma2", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "vocab_size": 320, "intermediate_size": 128}
+    (hf / "config.json").write_text(json.dumps(fields))
+    code, err = optimize_fails(capsys, tmp_path, hf)
+    assert_one_line_error(code, err, "gemma2", "'query_pre_attn_scalar'")
+
+
+@pytest.mark.parametrize("scaling, words", [({"rope_type": "dynamic", "factor": 2.0}, ("'dynamic'", "cannot trace")),
+                                            ({"type": "longrope"}, ("'longrope'", "cannot trace")),
+                                            ({"rope_type": "mrope"}, ("unsupported rope_scaling type 'mrope'",))])
+def test_rope_scaling_onnxlm_cannot_export(capsys, tmp_path, scaling, words):
+    hf = tmp_path / "llama"
+    hf.mkdir()
+    fields = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "vocab_size": 320, "intermediate_size": 128, "rope_scaling": scaling}
+    (hf / "config.json").write_text(json.dumps(fields))
+    code, err = optimize_fails(capsys, tmp_path, hf)
+    assert_one_line_error(code, err, *words)
 
 
 def test_unknown_recipe(capsys, tmp_path, tiny_hf_dir):

@@ -86,7 +86,7 @@ class RemoveLayers(Pass):
             drop.sort()
         if drop:
             remove_layers(model, layers, drop)
-            ctx.info = dataclasses.replace(ctx.info, num_layers=layers - len(drop))
+            ctx.info = ctx.info.without_layers(drop)
         ctx.metrics.update({
             "removed_layers": drop, "metric": o.metric, "probe_ppl": round(base, 4),
             "block_influence": [round(b, 5) for b in influence],

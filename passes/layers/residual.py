@@ -1,6 +1,7 @@
 """The residual stream of a llama-style decoder graph (plain and lowered), and removing whole layers from it.
 
-In the exported graph the stream is a chain of Adds: the embedding Gather's output r_0, then for layer l
+In the exported graph the stream is a chain of Adds: the embedding Gather's output r_0 (times a constant, where
+the family scales its embedding), then for layer l
 r_{2l+1} = r_{2l} + attention(...) and r_{2l+2} = r_{2l+1} + mlp(...). Each r is read by its RMSNorm (Pow, Mul)
 and by exactly one Add, the next residual sum, which is how the chain is found without relying on node names.
 """
@@ -19,6 +20,10 @@ def residual_stream(graph, num_layers: int) -> list:
     if len(gathers) != 1:
         raise OnnxlmError("cannot find the embedding Gather of input_ids: remove_layers needs the plain export")
     stream = [gathers[0].outputs[0]]
+    uses = stream[0].uses()
+    if len(uses) == 1 and uses[0].node.op_type == "Mul" and any(  # a scaled embedding (Gemma, Granite) starts it
+            v is not None and v.const_value is not None for v in uses[0].node.inputs):
+        stream = [uses[0].node.outputs[0]]
     while True:
         adds = [u.node for u in stream[-1].uses() if u.node.op_type == "Add"]
         if len(adds) != 1:

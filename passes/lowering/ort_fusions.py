@@ -13,6 +13,7 @@ import dataclasses
 
 from onnxlm.errors import OnnxlmError
 from onnxlm.passes.base import FOLDED, FUSED, PLAIN, Pass, PassContext
+from onnxlm.passes.lowering.plan import lowering_plan
 
 
 @dataclasses.dataclass
@@ -36,14 +37,19 @@ class _Fusion(Pass):
             raise OnnxlmError(f"pass '{self.name}' option 'expect' must be 'none', 'layers' or a count")
 
     def run(self, model, ctx: PassContext):
+        plan = lowering_plan(ctx.info).get(self.name, {})
+        notes = [*plan.get("unfused", ())]
+        if not plan.get("run", True):
+            return False, {self.main: 0}, notes
         counts = {name: int(fuse(model)) for name, fuse in self.fusions().items()}
         main = counts[self.main]
         expect = self.options.expect
-        wanted = ctx.info.num_layers * self.expected_per_layer if expect == "layers" else (
-            int(expect) if expect.isdigit() else None)
+        layers = plan["count"] if "count" in plan else ctx.info.num_layers * self.expected_per_layer
+        wanted = layers if expect == "layers" else (int(expect) if expect.isdigit() else None)
         if wanted is not None and main != wanted:
-            raise OnnxlmError(f"pass '{self.name}' matched {main} patterns, expected {wanted}")
-        return any(counts.values()), counts, []
+            family = ctx.info.family.get("family", ctx.info.architecture)
+            raise OnnxlmError(f"pass '{self.name}' matched {main} patterns, expected {wanted} for this {family} model")
+        return any(counts.values()), counts, notes
 
 
 class FuseRmsNorm(_Fusion):
@@ -119,9 +125,27 @@ class FuseGroupQueryAttention(_Fusion):
     provides = (FUSED,)
     main = "gqa"
 
+    layer_windows: list[int] = []
+
+    def run(self, model, ctx: PassContext):
+        self.layer_windows = ctx.info.layer_windows
+        return super().run(model, ctx)
+
     def fusions(self):
-        from onnxscript.rewriter.ort_fusions.gqa import fuse_gqa
-        from onnxscript.rewriter.ort_fusions.sdpa import fuse_sdpa
+        import onnx_ir.passes.common as common
+
+        from onnxlm.passes.lowering.attention import (expand_leftover_sdpa, identity_rotary_for_nope, rules,
+                                                      whole_head_partial_rotary)
+
+        sdpa, gqa = rules(self.layer_windows)
+
+        def fuse_sdpa(model):
+            count = sdpa.apply_to_model(model)
+            common.ShapeInferencePass()(model)
+            return count
 
         # SDPA is the intermediate form that the GQA rule is built from.
-        return {"sdpa": lambda m: fuse_sdpa(m, apply_shape_inference=True), "gqa": fuse_gqa}
+        # An SDPA that no GQA took (yarn RoPE, partial RoPE GQA cannot rotate) goes back to plain ops.
+        return {"partial_rotary": whole_head_partial_rotary, "sdpa": fuse_sdpa,
+                "nope_identity_rotary": identity_rotary_for_nope, "gqa": gqa.apply_to_model,
+                "sdpa_left_unfused": expand_leftover_sdpa}

@@ -34,8 +34,22 @@ def linears(graph) -> list:
     return [n for n in graph if linear_weight(n) is not None]
 
 
+# Elementwise ops a family applies to the head's output: final soft-capping (Gemma 2), a logit divisor (Granite).
+HEAD_EPILOGUE = ("Mul", "Div", "Tanh")
+
+
+def lm_head(graph):
+    """The node computing the logits: the one writing `logits`, or the MatMul that the family's elementwise
+    epilogue (a soft-cap, a divisor) reads from."""
+    writer = next((v.producer() for v in graph.outputs if v.name == "logits"), None)
+    node = writer
+    while node is not None and node.op_type in HEAD_EPILOGUE:
+        node = node.inputs[0].producer() if node.inputs[0] is not None else None
+    return node if node is not None and node.op_type.startswith("MatMul") else writer
+
+
 def is_lm_head(node) -> bool:
-    return any(o.name == "logits" for o in node.outputs)
+    return node.graph is not None and node is lm_head(node.graph)
 
 
 def untie_lm_head(graph) -> bool:

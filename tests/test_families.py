@@ -1,0 +1,240 @@
+"""Every family onnxlm exports, on a tiny random checkpoint of its own (tests/tiny_families.py): the `fp32`
+artifact's logits and greedy tokens against transformers (eager attention: the reference that applies every
+feature, soft-capping included), `int4-rtn` builds and runs, genai decodes the same tokens, and the lowering
+fused what the family's description says it can and reported the rest.
+
+Each test records its outcome in RESULTS; `ONNXLM_ARCH_TABLE=docs/architectures.md pytest tests/test_families.py`
+writes the table from them (conftest.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import write_tiny_llama
+from reference import torch_greedy
+from tiny_families import VARIANTS
+
+from onnxlm.runtime.decoding import Decoding
+
+PREFILL, DECODE, GREEDY = 16, 8, 32
+RESULTS: dict[str, dict[str, str]] = {}  # variant -> column -> cell, for docs/architectures.md
+
+
+def record(variant: str, column: str, cell: str) -> None:
+    RESULTS.setdefault(variant, {})[column] = cell
+
+
+@pytest.fixture(scope="session")
+def family_builds(tmp_path_factory):
+    """(variant, recipe) -> artifact, each built once; variant -> its checkpoint and its transformers model."""
+    import transformers
+
+    import onnxlm
+
+    checkpoints, models, artifacts = {}, {}, {}
+
+    def checkpoint(variant):
+        if variant not in checkpoints:
+            checkpoints[variant] = write_tiny_llama(tmp_path_factory.mktemp(variant) / "hf", variant=variant)
+        return checkpoints[variant]
+
+    def model(variant):
+        if variant not in models:
+            models[variant] = transformers.AutoModelForCausalLM.from_pretrained(
+                checkpoint(variant), attn_implementation="eager").eval()
+        return models[variant]
+
+    def artifact(variant, recipe):
+        if (variant, recipe) not in artifacts:
+            out = tmp_path_factory.mktemp(f"{variant}-{recipe}") / "art"
+            artifacts[variant, recipe] = onnxlm.optimize(str(checkpoint(variant)), recipe=recipe, output=out)
+        return artifacts[variant, recipe]
+
+    return checkpoint, model, artifact
+
+
+def prompt(n: int = PREFILL + DECODE) -> list[int]:
+    return np.random.default_rng(7).integers(3, 320, n).tolist()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fp32_logits_match_transformers(family_builds, variant):
+    """A 16-token prefill and 8 decode steps on the fused graph, within the pass manager's bound of transformers."""
+    import torch
+
+    _, model, artifact = family_builds
+    art = artifact(variant, "fp32")
+    ids = prompt()
+    with torch.no_grad():
+        ref = model(variant)(torch.tensor([ids])).logits[0].numpy()
+    cache = art.session.new_cache(capacity=64)
+    ours = [art.session.step(np.asarray([ids[:PREFILL]]), cache)[0]]
+    for token in ids[PREFILL:]:
+        ours.append(art.session.step(np.asarray([[token]]), cache)[0].copy())  # the decode path reuses its array
+    diff = float(np.abs(np.concatenate(ours) - ref).max())
+    bound = 1e-4 + 1e-5 * float(np.abs(ref).max())
+    record(variant, "fp32 parity", f"{diff:.1e}" if diff <= bound else f"**{diff:.1e}** > {bound:.1e}")
+    assert diff <= bound
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fp32_greedy_equals_transformers(family_builds, variant):
+    _, model, artifact = family_builds
+    art = artifact(variant, "fp32")
+    ids = prompt(PREFILL)
+    ours = list(art.generate_ids(ids, max_new_tokens=GREEDY, ignore_eos=True, decoding=Decoding()))
+    same = ours == torch_greedy(model(variant), ids, GREEDY)
+    record(variant, "greedy 32", "same" if same else "**differs**")
+    assert same
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_lowering_fuses_what_the_family_allows(family_builds, variant):
+    """Every fusion with expect "layers" met the family's count (else the build failed); what stays unfused is
+    named in the pass's notes."""
+    from onnxlm.passes.lowering.plan import lowering_plan
+
+    _, _, artifact = family_builds
+    art = artifact(variant, "fp32")
+    plan = lowering_plan(art.info)
+    ops = art.manifest["op_histogram"]
+    reports = {r["name"]: r for r in art.manifest["passes"]}
+    for name, expected in plan.items():
+        report = reports[name]
+        assert sum(report["matched"].get(k, 0) for k in expected["counts"]) == expected["count"], name
+        for reason in expected["unfused"]:
+            assert reason in report["notes"], (name, reason)
+    fused = {op.split("::")[-1]: n for op, n in ops.items() if op.startswith("com.microsoft::") or
+             op.endswith("SimplifiedLayerNormalization")}
+    record(variant, "fused ops", ", ".join(f"{op} {n}" for op, n in sorted(fused.items())) or "none")
+    unfused = [f"{name}: {r}" for name, expected in plan.items() for r in expected["unfused"]]
+    record(variant, "left unfused", "; ".join(unfused) or "-")
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_int4_rtn_builds_and_runs(family_builds, variant):
+    _, _, artifact = family_builds
+    art = artifact(variant, "int4-rtn")
+    ops = art.manifest["op_histogram"]
+    tokens = list(art.generate_ids(prompt(PREFILL), max_new_tokens=8, ignore_eos=True, decoding=Decoding()))
+    record(variant, "int4-rtn", f"runs, {ops.get('com.microsoft::MatMulNBits', 0)} MatMulNBits")
+    assert len(tokens) == 8 and ops.get("com.microsoft::MatMulNBits", 0) > 0
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_genai_greedy_equals_onnxlm(family_builds, variant):
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is part of the test extras")
+    from test_genai import genai_greedy
+
+    _, _, artifact = family_builds
+    art = artifact(variant, "fp32")
+    ids = prompt(PREFILL)
+    ours = list(art.generate_ids(ids, max_new_tokens=GREEDY, ignore_eos=True, decoding=Decoding()))
+    try:
+        og.Model(str(art.directory))
+    except Exception as exc:  # genai refuses the model type: recorded, not an onnxlm failure
+        record(variant, "genai", f"not run: {str(exc).splitlines()[0][:80]}")
+        pytest.skip(f"onnxruntime-genai does not run {variant}: {exc}")
+    same = genai_greedy(art.directory, ids, GREEDY) == ours
+    record(variant, "genai", "same tokens" if same else "**differs**")
+    assert same
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_description_agrees_with_transformers_modules(family_builds, variant):
+    """The family's description read from the config says what transformers' modules do: sliding windows per
+    layer, RoPE per layer, soft-caps, the attention scale."""
+    _, model, artifact = family_builds
+    m = model(variant)
+    info = artifact(variant, "fp32").info
+    attn = [layer.self_attn for layer in m.model.layers]
+    # a module's own window, else (mistral, phi3) the one its forward reads from the config
+    windows = [(a.sliding_window if hasattr(a, "sliding_window") else getattr(a.config, "sliding_window", None))
+               or 0 for a in attn]
+    assert windows == (info.layer_windows or [0] * info.num_layers)
+    assert [bool(getattr(a, "use_rope", True)) for a in attn] == info.family["rope"]["layers"]
+    assert [a.scaling for a in attn] == pytest.approx([info.family["attention_scale"]] * info.num_layers)
+    assert [getattr(a, "attn_logit_softcapping", None) or 0.0 for a in attn] == [
+        info.family["attention_softcap"]] * info.num_layers
+    assert (getattr(m.config, "final_logit_softcapping", None) or 0.0) == info.family["final_softcap"]
+    assert info.family["tied_head"] == (m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr())
+
+
+def test_gemma2_soft_capping_bites(family_builds):
+    """The gemma2 variant's caps change its logits (so its parity above covers them): transformers' sdpa path,
+    which leaves the attention cap out, and the model without its final cap both differ from the reference."""
+    import torch
+    import transformers
+
+    checkpoint, model, _ = family_builds
+    ids = torch.tensor([prompt()])
+    with torch.no_grad():
+        reference = model("gemma2-softcap")(ids).logits
+        uncapped_attention = transformers.AutoModelForCausalLM.from_pretrained(
+            checkpoint("gemma2-softcap"), attn_implementation="sdpa").eval()(ids).logits
+        m = model("gemma2-softcap")
+        cap, m.config.final_logit_softcapping = m.config.final_logit_softcapping, None
+        try:
+            uncapped_logits = m(ids).logits
+        finally:
+            m.config.final_logit_softcapping = cap
+    assert (reference - uncapped_attention).abs().max() > 1e-2
+    assert (reference - uncapped_logits).abs().max() > 1e-2
+
+
+def test_sinks_window_refuses_rope_it_cannot_rotate(family_builds):
+    """StreamingLLM moves keys by rotating them with plain RoPE; llama3-scaled frequencies would be rotated
+    wrongly, so the policy is refused in one line."""
+    from onnxlm.errors import OnnxlmError
+    from onnxlm.runtime.kv_policy import KVPolicyConfig
+
+    _, _, artifact = family_builds
+    art = artifact("llama3-rope", "fp32")
+    assert not art.info.plain_rope and artifact("llama", "fp32").info.plain_rope
+    with pytest.raises(OnnxlmError, match="RoPE is not plain"):
+        list(art.generate_ids(prompt(PREFILL), max_new_tokens=4, ignore_eos=True,
+                              decoding=Decoding(kv_policy=KVPolicyConfig("sinks-window", budget=40))))
+
+
+def test_artifacts_without_a_description_read_as_llama():
+    """A manifest written before families were described (no `family`, no `layer_windows`) gets llama's plan,
+    plain RoPE, and keeps sharing its KV buffer; a graph with one layer left unfused does not share it."""
+    from onnxlm.model_info import ModelInfo, shares_kv_buffer
+    from onnxlm.passes.lowering.plan import lowering_plan
+
+    info = ModelInfo("llama", 30, 9, 3, 64, 576, 49152, 8192, 100000.0, 1, [2])
+    plan = lowering_plan(info)
+    assert {name: p["count"] for name, p in plan.items()} == {"fuse_skip_rms_norm": 60, "fuse_rotary": 60,
+                                                              "fuse_gqa": 30}
+    assert not any(p["unfused"] for p in plan.values()) and info.plain_rope and info.sliding_window == 0
+    assert shares_kv_buffer({"com.microsoft::GroupQueryAttention": 30}, 30)
+    assert not shares_kv_buffer({"com.microsoft::GroupQueryAttention": 29}, 30)
+    assert not shares_kv_buffer({}, 30)
+
+
+def test_remove_layers_on_a_scaled_embedding(family_builds, tmp_path):
+    """Gemma scales its embedding (Gather, then Mul): the residual stream starts after the scale, and the model
+    without a layer matches transformers without it."""
+    import torch
+
+    import onnxlm
+    from reference import drop_layers
+
+    checkpoint, model, _ = family_builds
+    art = onnxlm.optimize(str(checkpoint("gemma")), recipe="fp32", output=tmp_path / "a", remove_layers=1)
+    removed = next(p for p in art.manifest["passes"] if p["name"] == "remove_layers")["check"]["removed_layers"]
+    ids = prompt(12)
+    reference = model("gemma")
+    layers = list(reference.model.layers)
+    try:
+        drop_layers(reference, removed)
+        with torch.no_grad():
+            expected = reference(torch.tensor([ids])).logits[0].numpy()
+    finally:  # the session's model keeps its layers for the other tests
+        for index, layer in enumerate(layers):
+            layer.self_attn.layer_idx = index
+        reference.model.layers = torch.nn.ModuleList(layers)
+        reference.config.num_hidden_layers = len(layers)
+    ours = art.session.step(np.asarray([ids]), art.session.new_cache(capacity=16))[0]
+    assert art.info.num_layers == 1 and np.abs(ours - expected).max() <= 1e-4
