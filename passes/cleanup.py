@@ -20,6 +20,9 @@ def op_histogram(model) -> dict[str, int]:
     return dict(counts.most_common())
 
 
+FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
+
+
 class Cleanup(Pass):
     """Fold constants and remove dead code with onnxscript's optimizer and onnx-ir's common passes."""
 
@@ -32,6 +35,12 @@ class Cleanup(Pass):
 
         before = op_histogram(model)
         onnxscript.optimizer.optimize(model)
+        # The optimizer records which values each folded constant came from; that provenance depends on what was
+        # folded earlier in the process (a build resumed from the graph cache would record less): drop it, so
+        # that the same model and recipe give the same bytes however they were built.
+        graph = model.graph
+        for value in [*graph.initializers.values(), *(v for node in graph for v in node.outputs)]:
+            value.metadata_props.pop(FOLDED_FROM, None)
         common.DeduplicateInitializersPass()(model)
         common.RemoveUnusedNodesPass()(model)
         common.TopologicalSortPass()(model)

@@ -4,7 +4,8 @@ An entry is keyed by the source's hash, the onnxlm version and the prefix's pass
 external data), the prefix's pass reports, the model facts and the interface after it. `onnxlm tune` uses it:
 every trial shares at least the export and the first cleanup, which take most of a SmolLM2 build. A build that
 resumes from an entry runs the rest of its recipe exactly as an uninterrupted build would (the manager checks the
-first remaining pass against the loaded graph), so its artifact is byte-identical (a test checks).
+first remaining pass against the loaded graph) and with onnx-ir's name counters restored, so its artifact is
+byte-identical (tests check a resume after the first pass and after the base recipe).
 """
 
 from __future__ import annotations
@@ -14,6 +15,20 @@ import json
 from pathlib import Path
 
 GRAPH = "graph.onnx"
+
+
+def names_of(graph) -> dict:
+    """The state of the graph's name authority (onnx-ir's counters and the names it has handed out): the passes
+    after a resume must name new nodes and values exactly as they would have without the save and load."""
+    authority = graph._name_authority
+    return {"value_counter": authority._value_counter, "node_counter": authority._node_counter,
+            "value_names": sorted(authority._value_names), "node_names": sorted(authority._node_names)}
+
+
+def restore_names(graph, names: dict) -> None:
+    authority = graph._name_authority
+    authority._value_counter, authority._node_counter = names["value_counter"], names["node_counter"]
+    authority._value_names, authority._node_names = set(names["value_names"]), set(names["node_names"])
 
 
 class GraphCache:
@@ -36,7 +51,9 @@ class GraphCache:
             entry = self._entry(source_sha, passes[:k])
             if (entry / "state.json").is_file():
                 state = json.loads((entry / "state.json").read_text())
-                return k, ir.load(entry / GRAPH), state["reports"], state["info"], state["interface"]
+                model = ir.load(entry / GRAPH)
+                restore_names(model.graph, state["names"])
+                return k, model, state["reports"], state["info"], state["interface"]
         return None
 
     def save(self, source_sha: str, passes: list, model, reports: list, info: dict, interface: dict) -> None:
@@ -48,5 +65,5 @@ class GraphCache:
             return
         entry.mkdir(parents=True, exist_ok=True)
         ir.save(model, entry / GRAPH, external_data=GRAPH + ".data")
-        state = {"reports": reports, "info": info, "interface": interface}
+        state = {"reports": reports, "info": info, "interface": interface, "names": names_of(model.graph)}
         (entry / "state.json").write_text(json.dumps(state))  # last: an entry without it is incomplete

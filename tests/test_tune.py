@@ -73,3 +73,18 @@ def test_a_build_resumed_from_the_graph_cache_is_byte_identical(tiny_hf_dir, tmp
         assert (first.directory / name).read_bytes() == (second.directory / name).read_bytes()
     assert [r["name"] for r in first.manifest["passes"]] == [r["name"] for r in second.manifest["passes"]]
     assert first.manifest["passes"][-1]["check"] == second.manifest["passes"][-1]["check"]
+
+
+def test_a_build_resumed_after_the_first_pass_is_byte_identical(tiny_hf_dir, tmp_path):
+    """remove_layers goes right after the first cleanup, so such a recipe resumes from the export's snapshot."""
+    from onnxlm.passes.graph_cache import GraphCache
+
+    cache = GraphCache(tmp_path / "graphs", (1,))
+    plain = onnxlm.optimize(str(tiny_hf_dir), recipe="int8", output=tmp_path / "a", remove_layers=1)
+    onnxlm.optimize(str(tiny_hf_dir), recipe="int8", output=tmp_path / "b", remove_layers=1, graph_cache=cache)
+    said = []
+    resumed = onnxlm.optimize(str(tiny_hf_dir), recipe="int8", output=tmp_path / "c", remove_layers=1,
+                              graph_cache=cache, progress=said.append)
+    assert "resuming after 1 pass(es) from the graph cache" in said
+    for name in ("model.onnx", "model.onnx.data"):
+        assert (plain.directory / name).read_bytes() == (resumed.directory / name).read_bytes()
