@@ -433,14 +433,10 @@ def tune(
 ):
     """Search recipes for the fastest artifact within a PPL budget (Optuna: TPE, or NSGA-II for several
     objectives). Writes best_recipe.json, best/, pareto.json and trials.csv into -o."""
-    import math
-
     from onnxlm.schema import read_json, read_text
     from onnxlm.tune import Space
     from onnxlm.tune import tune as run_tune
 
-    if math.isnan(max_ppl_increase) or max_ppl_increase < 0:
-        raise OnnxlmError(f"--max-ppl-increase must be a number >= 0, got {max_ppl_increase}")
     the_space = Space.from_dict(read_json(space, "search space"), str(space)) if space else None
     text = read_text(calibration) if calibration else None
     with steps() as say:

@@ -120,12 +120,10 @@ class EarlyExit(Executor):
     def __init__(self, model: DecoderSession, segments: ExitSegments, threshold: float):
         super().__init__(model)
         self.segments, self.threshold, self.state = segments, threshold, None
-        self.steps = self.exits = 0
 
     def prefill(self, ids, all_logits=False, scoring=False):
         logits = self.model.step(np.asarray([ids], np.int64), self.cache, last_only=not all_logits,
                                  scoring=scoring)[0]  # (n or 1, vocab)
-        self._fold_exits()
         self.state = ExitState(lower=self.cache.length, upper=self.cache.length)
         return logits if all_logits else logits[-1]
 
@@ -135,15 +133,18 @@ class EarlyExit(Executor):
     def first_block(self, n):
         return 1
 
-    def _fold_exits(self) -> None:
+    def _fold(self) -> None:
+        """The run's totals also count the last cache's decode steps and exits."""
         if self.state is not None:
-            self.steps, self.exits = self.steps + self.state.steps, self.exits + self.state.exits
+            for key in ("steps", "exits"):
+                self.totals[key] = self.totals.get(key, 0) + getattr(self.state, key)
+            self.state = None
+        super()._fold()
 
     def report(self):
-        self._fold_exits()
-        self.state = None
-        return {**super().report(), "exit_threshold": self.threshold, "exit_rate": self.exits / max(self.steps, 1),
-                "exit_layer": self.segments.layer}
+        report = super().report()
+        exit_rate = self.totals.get("exits", 0) / max(self.totals.get("steps", 0), 1)
+        return {**report, "exit_threshold": self.threshold, "exit_rate": exit_rate, "exit_layer": self.segments.layer}
 
 
 def exit_generate(model: DecoderSession, segments: ExitSegments, prompt_ids: list[int], max_new_tokens: int,

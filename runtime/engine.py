@@ -62,7 +62,6 @@ class Engine:
         cache = PrefixCache(int(c.prefix_cache_mb * 2**20)) if c.prefix_cache_mb > 0 else None
         self.batch = Batch(model, c.slots, capacity, c.token_budget, stop_ids, Sampler(), cache)
         self.waiting: collections.deque[Request] = collections.deque()
-        self.cancelled: set[int] = set()
         self.stats = stats or Stats()
         self.wake = threading.Condition()
         self.accepting, self.running = True, True
@@ -100,7 +99,7 @@ class Engine:
         """Drop a request (its client went away); its slot is freed before the next iteration."""
         with self.wake:
             if not request.finished:
-                self.cancelled.add(id(request))
+                request.cancelled = True
                 self.wake.notify()
 
     def queue_depth(self) -> int:
@@ -115,7 +114,7 @@ class Engine:
             self.accepting = False
             if not drain:
                 for request in [*self.waiting, *self.batch.running]:
-                    self.cancelled.add(id(request))
+                    request.cancelled = True
             self.running = False
             self.wake.notify()
         self.thread.join(timeout)
@@ -135,27 +134,25 @@ class Engine:
             self._observe(batch.iteration)
 
     def _drop_cancelled(self) -> None:
-        for request in [r for r in self.waiting if id(r) in self.cancelled]:
+        for request in [r for r in self.waiting if r.cancelled]:
             self.waiting.remove(request)
-            self._end(request, cancelled=True)
-        for request in [r for r in self.batch.running if id(r) in self.cancelled]:
+            self._end(request)
+        for request in [r for r in self.batch.running if r.cancelled]:
             self.batch.drop(request)
-            self._end(request, cancelled=True)
-        self.cancelled.clear()
+            self._end(request)
 
-    def _end(self, request: Request, cancelled: bool) -> None:
+    def _end(self, request: Request) -> None:
         request.finished = True
-        self.stats.cancelled += cancelled
+        self.stats.cancelled += 1
         if request.on_token:
             request.on_token(request, None)  # None: ended without a token (cancelled)
 
     def _observe(self, iteration: Callable[[], bool]) -> None:
         """Run one iteration and record the latencies of the tokens it chose."""
-        before = {id(r): len(r.tokens) for r in self.batch.running}
-        running = list(self.batch.running)
+        running = [(r, len(r.tokens)) for r in self.batch.running]
         iteration()
-        for r in running:
-            new = len(r.tokens) - before[id(r)]
+        for r, before in running:
+            new = len(r.tokens) - before
             if not new:
                 continue
             self.stats.generated_tokens += new

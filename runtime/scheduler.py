@@ -41,6 +41,7 @@ class Request:
     cached: int = 0  # of those, tokens restored from the prefix cache
     row: int | None = None
     finished: bool = False
+    cancelled: bool = False  # its client went away: the engine drops it before its next iteration
 
     @property
     def ttft_s(self) -> float:

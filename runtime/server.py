@@ -19,7 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from onnxlm.errors import OnnxlmError
+from onnxlm.errors import OnnxlmError, first_line
 from onnxlm.runtime.engine import Engine, EngineConfig, QueueFull, Stats
 from onnxlm.runtime.tokenizer import cut_at_stop_strings
 
@@ -83,13 +83,16 @@ class Common(BaseModel):
     stream_options: dict | None = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
 
+
 class CompletionBody(Common):
     prompt: str | list[int]
     max_tokens: int | None = Field(16, ge=1)
 
+
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: str
+
 
 class ChatBody(Common):
     messages: list[Message] = Field(min_length=1)
@@ -278,7 +281,8 @@ def create_app(artifact, config: EngineConfig | None = None, model_name: str | N
         except OnnxlmError as exc:
             return error(400, str(exc), "invalid_request_error")
         except Exception as exc:  # a template that fails on these messages (jinja raises its own errors)
-            return error(400, f"the chat template cannot render these messages: {exc}", "invalid_request_error")
+            return error(400, f"the chat template cannot render these messages: {first_line(exc)}",
+                         "invalid_request_error")
         return await run(body, ids, 1 << 30, chat=True)
 
     @app.get("/metrics")
