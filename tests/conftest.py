@@ -44,10 +44,10 @@ def build_tiny_tokenizer(vocab_size: int):
 
 
 def write_tiny_llama(directory: Path, model_type: str = "llama", layers: int = 2, seed: int = 0,
-                     variant: str | None = None) -> Path:
+                     variant: str | None = None, **shape) -> Path:
     """A random checkpoint (vocab 320, hidden 64, GQA 4/2 heads) with a byte-level BPE tokenizer: a llama, or any
     family's tiny `variant` (tests/tiny_families.py; `model_type` "qwen2" is that family's untied variant's
-    shape with a tied head)."""
+    shape with a tied head); `shape` overrides BASE's fields (a llama or qwen2 only)."""
     import torch
     import transformers
 
@@ -57,7 +57,7 @@ def write_tiny_llama(directory: Path, model_type: str = "llama", layers: int = 2
     tok = build_tiny_tokenizer(320)
     if variant is None:
         config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[model_type]
-        config = config_cls(**BASE, num_hidden_layers=layers)
+        config = config_cls(**{**BASE, **shape}, num_hidden_layers=layers)
     else:
         config = tiny_config(variant, layers)
     torch.manual_seed(seed)
@@ -70,10 +70,50 @@ def write_tiny_llama(directory: Path, model_type: str = "llama", layers: int = 2
     return directory
 
 
-def write_tiny_gguf(hf: Path, path: Path, quantized: bool = False) -> Path:
+def random_blocks(qtype: str, rows: int, cols: int, rng) -> "np.ndarray":
+    """A [rows, cols] tensor of ggml `qtype` blocks with random codes and small fp16 scales (offsets): any bytes
+    are valid codes, so this makes the formats gguf-py cannot quantize (the K-quants) as easily as the others."""
+    import gguf
+    import numpy as np
+
+    elements, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    raw = rng.integers(0, 256, (rows * cols // elements, size), dtype=np.uint8)
+
+    def fp16_at(byte: int, values) -> np.ndarray:
+        values = np.asarray(values, np.float16).reshape(-1, 1)
+        raw[:, byte:byte + 2] = values.view(np.uint8)
+        return values.astype(np.float32)
+
+    # scales that give weights of about 0.02, with offsets that centre them near zero (a sane random model)
+    uniform = lambda low, high: rng.uniform(low, high, len(raw))  # noqa: E731
+    if qtype == "Q6_K":
+        fp16_at(208, uniform(2e-5, 6e-5))  # times int8 sub-block scales and codes - 32
+    elif qtype in ("Q4_K", "Q5_K"):
+        d = fp16_at(0, uniform(1e-4, 3e-4) / (1 if qtype == "Q4_K" else 2))  # times 6-bit scales and the codes
+        fp16_at(2, d[:, 0] * (7.5 if qtype == "Q4_K" else 7.75))  # times 6-bit mins, subtracted
+    elif qtype in ("Q4_1", "Q5_1"):
+        levels = 16 if qtype == "Q4_1" else 32
+        d = fp16_at(0, uniform(2e-3, 6e-3) * 16 / levels)
+        fp16_at(2, -d[:, 0] * (levels - 1) / 2)
+    else:
+        fp16_at(0, uniform(2e-4, 6e-4) if qtype == "Q8_0" else uniform(2e-3, 6e-3) * (16 if qtype == "Q4_0" else 8) / 16)
+    return raw.reshape(rows, -1)
+
+
+# A K-quant mix like llama.cpp's Q4_K_M (v, down and the embedding in Q6_K), with each other format somewhere: the
+# layout write_tiny_gguf(kquants=True) writes (blk.{i}.{part} or the tensor name -> ggml type).
+KQUANT_LAYOUT = {"token_embd": "Q6_K", "attn_v": "Q6_K", "ffn_down": "Q6_K",
+                 "blk.0.attn_q": "Q4_K", "blk.0.attn_k": "Q4_K", "blk.0.attn_output": "Q4_K",
+                 "blk.0.ffn_gate": "Q4_K", "blk.0.ffn_up": "Q4_K",
+                 "blk.1.attn_q": "Q5_K", "blk.1.attn_k": "Q5_K", "blk.1.attn_output": "Q5_0",
+                 "blk.1.ffn_gate": "Q5_1", "blk.1.ffn_up": "Q4_0"}
+
+
+def write_tiny_gguf(hf: Path, path: Path, quantized: bool = False, kquants: bool = False) -> Path:
     """The tiny llama as a GGUF file the way llama.cpp's converter lays one out (a gpt2 tokenizer with the smollm
     pre-tokenizer, tied embeddings): F32 tensors, or with `quantized` SmolLM2's layout (Q4_1 linears, a Q8_0
-    embedding, F32 norms). A small GGUF source for the loaders, the GGUF-exact pass and the fuzz suite."""
+    embedding, F32 norms), or with `kquants` KQUANT_LAYOUT's random blocks (hidden and intermediate sizes must be
+    multiples of 256). A small GGUF source for the loaders, the GGUF-exact pass and the fuzz suite."""
     import gguf
     import numpy as np
     from safetensors.numpy import load_file
@@ -117,6 +157,12 @@ def write_tiny_gguf(hf: Path, path: Path, quantized: bool = False) -> Path:
         else:
             continue  # lm_head: tied
         value = np.ascontiguousarray(value, np.float32)
+        if kquants and value.ndim == 2:
+            part = name.split(".")[-1] if name.startswith("blk.") else name
+            qtype = KQUANT_LAYOUT.get(name, KQUANT_LAYOUT.get(part))
+            raw = random_blocks(qtype, *value.shape, np.random.default_rng(len(name) * 7919 + value.size))
+            w.add_tensor(f"{name}.weight", raw, raw_dtype=gguf.GGMLQuantizationType[qtype])
+            continue
         qtype = None if not quantized or value.ndim != 2 else (
             gguf.GGMLQuantizationType.Q8_0 if name == "token_embd" else gguf.GGMLQuantizationType.Q4_1)
         if qtype is None:
@@ -138,6 +184,14 @@ def tiny_gguf(tiny_hf_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_q4_gguf(tiny_hf_dir, tmp_path_factory) -> Path:
     return write_tiny_gguf(tiny_hf_dir, tmp_path_factory.mktemp("gguf-q4") / "tiny-q4_1.gguf", quantized=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_kquant_gguf(tmp_path_factory) -> Path:
+    """A 2-layer llama of hidden 256 (K-quants need rows of 256) as KQUANT_LAYOUT's mix of block formats."""
+    hf = write_tiny_llama(tmp_path_factory.mktemp("tiny-256") / "hf", hidden_size=256, intermediate_size=512,
+                          head_dim=64)
+    return write_tiny_gguf(hf, tmp_path_factory.mktemp("gguf-k") / "tiny-k.gguf", kquants=True)
 
 
 @pytest.fixture(scope="session")

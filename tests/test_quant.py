@@ -144,7 +144,7 @@ def test_int4_on_a_gguf_measures_its_accuracy_level_and_records_the_choice(tiny_
     art = onnxlm.optimize(str(tiny_q4_gguf), recipe="int4", output=tmp_path / "auto")
     report = next(r for r in art.manifest["passes"] if r["name"] == "quant_gguf_exact")
     assert report["matched"] == {"matmul_nbits_q4_1": 8, "matmul_nbits_q8_0": 1}  # qkv, o, gate_up, down x 2; head
-    assert report["check"]["q4_1_centred"] == 8
+    assert report["check"]["offsets_centred"] == 8
     choice = report["check"]["accuracy_choice"]
     ppl, ms = choice["calibration_ppl"], choice["decode_step_ms"]
     assert set(ppl) == set(ms) == {"0", "4"} and all(v > 0 for v in [*ppl.values(), *ms.values()])
@@ -169,5 +169,39 @@ def test_int4_on_a_gguf_measures_its_accuracy_level_and_records_the_choice(tiny_
     exact_report = next(r for r in exact.manifest["passes"] if r["name"] == "quant_gguf_exact")
     assert "accuracy_choice" not in exact_report["check"]
     fp32 = onnxlm.optimize(str(tiny_q4_gguf), recipe="fp32", output=tmp_path / "fp32")
+    text = "The quick brown fox jumps over the lazy dog. " * 20
+    assert exact.perplexity(text=text)["ppl"] == pytest.approx(fp32.perplexity(text=text)["ppl"], rel=1e-4)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
+def test_every_block_format_dequantizes_as_gguf_py_does_bit_for_bit(qtype):
+    """frontend/gguf_blocks.py's codes, scales and offsets give gguf-py's own dequantized floats (what
+    transformers loads and the exported graph holds) for random blocks of every supported format."""
+    import gguf
+    from conftest import random_blocks
+
+    raw = random_blocks(qtype, 6, 512, np.random.default_rng(5))
+    expected = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype])
+    t = decode_blocks("w", qtype, raw, 6, 512)
+    assert t.codes.max() < t.levels and t.scales.shape == (6, 512 // t.block)
+    assert np.array_equal(t.dequantize().view(np.uint32), expected.view(np.uint32))
+
+
+def test_a_k_quant_mix_is_imported_exactly_run_by_run(tiny_kquant_gguf, tmp_path):
+    """A Q4_K_M-like file (Q4_K q/k beside Q6_K v in one packed QKV, Q5_K, Q5_0, Q5_1, Q4_0, a Q6_K embedding and
+    head): every linear becomes MatMulNBits (a Concat joins the runs of a mixed packed linear) whose weight is the
+    GGUF's bit for bit; with float activations (both levels 0) the artifact scores like the fp32 export of the
+    same file."""
+    exact = onnxlm.optimize(str(tiny_kquant_gguf), recipe="int4", output=tmp_path / "exact",
+                            overrides={"quant_gguf_exact": {"accuracy_level": 0, "head_accuracy_level": 0}})
+    report = next(r for r in exact.manifest["passes"] if r["name"] == "quant_gguf_exact")
+    assert report["check"]["weights_bit_identical"] and not report["notes"]
+    assert set(report["check"]["gguf_types"]) == {"Q4_0", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K"}
+    assert report["matched"]["matmul_nbits_q6_k"] == 5  # v in both QKVs, both downs, the head
+    import onnx
+
+    graph = onnx.load(str(exact.directory / "model.onnx"), load_external_data=False).graph
+    assert sum(n.op_type == "Concat" and n.name.endswith(".concat") for n in graph.node) >= 3  # qkv x 2, gate|up
+    fp32 = onnxlm.optimize(str(tiny_kquant_gguf), recipe="fp32", output=tmp_path / "fp32")
     text = "The quick brown fox jumps over the lazy dog. " * 20
     assert exact.perplexity(text=text)["ppl"] == pytest.approx(fp32.perplexity(text=text)["ppl"], rel=1e-4)
