@@ -111,8 +111,8 @@ def gguf_tokenizer(converted, meta: dict):
 
 def load_gguf(path: Path) -> Source:
     meta = read_gguf_metadata(path)
-    arch = family_for(meta.get("general.architecture"), gguf=True).name
-    check_model_size(path, meta, arch)
+    family_for(meta.get("general.architecture"), gguf=True)
+    check_model_size(path, meta, meta["general.architecture"])
 
     import torch
     import transformers

@@ -47,7 +47,7 @@ def write_tiny_llama(directory: Path, model_type: str = "llama", layers: int = 2
                      variant: str | None = None, **shape) -> Path:
     """A random checkpoint (vocab 320, hidden 64, GQA 4/2 heads) with a byte-level BPE tokenizer: a llama, or any
     family's tiny `variant` (tests/tiny_families.py; `model_type` "qwen2" is that family's untied variant's
-    shape with a tied head); `shape` overrides BASE's fields (a llama or qwen2 only)."""
+    shape with a tied head); `shape` overrides the config's fields."""
     import torch
     import transformers
 
@@ -59,7 +59,7 @@ def write_tiny_llama(directory: Path, model_type: str = "llama", layers: int = 2
         config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[model_type]
         config = config_cls(**{**BASE, **shape}, num_hidden_layers=layers)
     else:
-        config = tiny_config(variant, layers)
+        config = tiny_config(variant, layers, **shape)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     model.save_pretrained(directory)
@@ -109,14 +109,17 @@ KQUANT_LAYOUT = {"token_embd": "Q6_K", "attn_v": "Q6_K", "ffn_down": "Q6_K",
                  "blk.1.ffn_gate": "Q5_1", "blk.1.ffn_up": "Q4_0"}
 
 
-def write_tiny_gguf(hf: Path, path: Path, quantized: bool = False, kquants: bool = False) -> Path:
-    """The tiny llama as a GGUF file the way llama.cpp's converter lays one out (a gpt2 tokenizer with the smollm
-    pre-tokenizer, tied embeddings): F32 tensors, or with `quantized` SmolLM2's layout (Q4_1 linears, a Q8_0
+def write_tiny_gguf(hf: Path, path: Path, quantized: bool = False, kquants: bool = False,
+                    arch: str = "llama") -> Path:
+    """A tiny checkpoint as a GGUF file the way llama.cpp's converter lays one out (gguf-py's tensor names, the
+    header keys transformers' GGUF loader reads, a gpt2 tokenizer with the smollm pre-tokenizer, or for Gemma the
+    same pieces as a SentencePiece vocabulary, tied embeddings, Gemma's norms stored as 1 + w): F32 tensors, or with `quantized` SmolLM2's layout (Q4_1 linears, a Q8_0
     embedding, F32 norms), or with `kquants` KQUANT_LAYOUT's random blocks (hidden and intermediate sizes must be
     multiples of 256). A small GGUF source for the loaders, the GGUF-exact pass and the fuzz suite."""
     import gguf
     import numpy as np
     from safetensors.numpy import load_file
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
     config = json.loads((hf / "config.json").read_text())
     tok = json.loads((hf / "tokenizer.json").read_text())
@@ -124,39 +127,37 @@ def write_tiny_gguf(hf: Path, path: Path, quantized: bool = False, kquants: bool
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
     specials = {a["content"] for a in tok["added_tokens"]}
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(config["max_position_embeddings"])
-    w.add_embedding_length(config["hidden_size"])
-    w.add_block_count(config["num_hidden_layers"])
-    w.add_feed_forward_length(config["intermediate_size"])
-    w.add_head_count(config["num_attention_heads"])
-    w.add_head_count_kv(config["num_key_value_heads"])
-    w.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
-    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, field in GGUF_CONFIG_MAPPING[arch].items():
+        value = config.get(field) if field else None
+        if isinstance(value, bool) or value is None:
+            continue
+        (w.add_uint32 if isinstance(value, int) else w.add_float32)(f"{arch}.{key}", value)
+    if arch.startswith("gemma"):  # transformers reads Gemma's GGUF tokenizer as SentencePiece's (pieces, scores)
+        tokens[:4] = ["<pad>", "<bos>", "<eos>", "<unk>"]  # the special pieces it expects (ids as in the config)
+        specials |= set(tokens[:4])
+        w.add_tokenizer_model("llama")
+        w.add_token_scores([0.0] * len(tokens))
+        w.add_unk_token_id(3)
+    else:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("smollm")
     w.add_token_list(tokens)
     w.add_token_types([3 if t in specials else 1 for t in tokens])
     w.add_token_merges(merges)
     w.add_bos_token_id(config["bos_token_id"])
     w.add_eos_token_id(config["eos_token_id"])
-    weights = load_file(str(hf / "model.safetensors"))
-    names = {"embed_tokens": "token_embd", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down"}
-    for key, value in sorted(weights.items()):
-        parts = key.removeprefix("model.").removesuffix(".weight")
-        if parts == "norm":
-            name = "output_norm"
-        elif parts.startswith("layers."):
-            _, i, rest = parts.split(".", 2)
-            name = f"blk.{i}.{names[rest]}"
-        elif parts == "embed_tokens":
-            name = "token_embd"
-        else:
-            continue  # lm_head: tied
+    if config.get("pad_token_id") is not None:
+        w.add_pad_token_id(config["pad_token_id"])
+    names = gguf.get_tensor_name_map(next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch),
+                                     config["num_hidden_layers"])
+    for key, value in sorted(load_file(str(hf / "model.safetensors")).items()):
+        if key == "lm_head.weight" and config.get("tie_word_embeddings", True):
+            continue
+        name = names.get_name(key, try_suffixes=(".weight", ".bias")).removesuffix(".weight").removesuffix(".bias")
         value = np.ascontiguousarray(value, np.float32)
+        if arch.startswith("gemma") and key.endswith("norm.weight"):
+            value = value + 1  # llama.cpp stores Gemma's (1 + w) norms as they multiply
         if kquants and value.ndim == 2:
             part = name.split(".")[-1] if name.startswith("blk.") else name
             qtype = KQUANT_LAYOUT.get(name, KQUANT_LAYOUT.get(part))
@@ -165,10 +166,11 @@ def write_tiny_gguf(hf: Path, path: Path, quantized: bool = False, kquants: bool
             continue
         qtype = None if not quantized or value.ndim != 2 else (
             gguf.GGMLQuantizationType.Q8_0 if name == "token_embd" else gguf.GGMLQuantizationType.Q4_1)
+        suffix = ".bias" if key.endswith(".bias") else ".weight"
         if qtype is None:
-            w.add_tensor(f"{name}.weight", value)
+            w.add_tensor(f"{name}{suffix}", value)
         else:
-            w.add_tensor(f"{name}.weight", gguf.quants.quantize(value, qtype), raw_dtype=qtype)
+            w.add_tensor(f"{name}{suffix}", gguf.quants.quantize(value, qtype), raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -35,8 +35,8 @@ VARIANTS = {
 }
 
 
-def tiny_config(variant: str, layers: int = 2):
+def tiny_config(variant: str, layers: int = 2, **shape):
     import transformers
 
     model_type, fields = VARIANTS[variant]
-    return transformers.AutoConfig.for_model(model_type, **{**BASE, "num_hidden_layers": layers, **fields})
+    return transformers.AutoConfig.for_model(model_type, **{**BASE, "num_hidden_layers": layers, **fields, **shape})

@@ -20,11 +20,11 @@ __all__ = ["FAMILIES", "Family", "attention_implementation", "check_config", "de
 
 def family_for(model_type: str | None, gguf: bool = False) -> Family:
     """The family of an HF model_type (or a GGUF's general.architecture with `gguf`)."""
-    known = [name for name, f in FAMILIES.items() if f.gguf or not gguf]
+    known = {f.gguf: f for f in FAMILIES.values() if f.gguf} if gguf else FAMILIES
     if model_type not in known:
         what = "from GGUF files " if gguf else ""
         raise OnnxlmError(f"unsupported architecture '{model_type}': onnxlm exports {what}{', '.join(known)}")
-    return FAMILIES[model_type]
+    return known[model_type]
 
 
 def check_config(config_json: dict, where: str = "config.json") -> Family:

@@ -50,7 +50,8 @@ class Family:
     rope_layers: str = "all"  # "all" | "no_rope_layers" (SmolLM3: 0 marks a layer without RoPE)
     local_rope_theta: str = ""  # a config field: the sliding layers' RoPE base (Gemma 3)
     required: tuple[str, ...] = ()  # config fields beyond SHAPE_FIELDS that this family cannot do without
-    gguf: bool = False  # onnxlm reads this family from GGUF files too
+    gguf: str = ""  # the GGUF general.architecture onnxlm reads this family from ("": none); transformers'
+    # GGUF loader builds the model, so only the architectures it reads can be listed
     genai_type: str = ""  # onnxruntime-genai's model.type for it ("": the name)
 
 

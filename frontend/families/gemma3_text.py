@@ -7,4 +7,4 @@ FAMILY = Family("gemma3_text", norm=RMS_ONE_PLUS, block_norms=(PRE_ATTENTION, PO
                 qk_norm="head", activation="hidden_activation", embedding_scale="sqrt_hidden",
                 attention_scale="query_pre_attn_scalar", attention_softcap="attn_logit_softcapping",
                 final_softcap="final_logit_softcapping", windows="layer_types", local_rope_theta="rope_local_base_freq",
-                required=("query_pre_attn_scalar",))
+                required=("query_pre_attn_scalar",), gguf="gemma3")

@@ -2,4 +2,4 @@
 
 from onnxlm.frontend.families.base import Family
 
-FAMILY = Family("llama", gguf=True)
+FAMILY = Family("llama", gguf="llama")

@@ -3,4 +3,4 @@ sliding window on every layer when set."""
 
 from onnxlm.frontend.families.base import Family
 
-FAMILY = Family("phi3", qkv_bias="never", windows="all")
+FAMILY = Family("phi3", qkv_bias="never", windows="all", gguf="phi3")

@@ -2,4 +2,4 @@
 
 from onnxlm.frontend.families.base import Family
 
-FAMILY = Family("qwen2", qkv_bias="always", windows="layer_types", gguf=True)
+FAMILY = Family("qwen2", qkv_bias="always", windows="layer_types", gguf="qwen2")

@@ -2,4 +2,4 @@
 
 from onnxlm.frontend.families.base import Family
 
-FAMILY = Family("qwen3", qk_norm="head", windows="layer_types")
+FAMILY = Family("qwen3", qk_norm="head", windows="layer_types", gguf="qwen3")
