@@ -42,10 +42,12 @@ def main() -> None:
     parser.add_argument("--ppl-tokens", type=int, default=4096)
     parser.add_argument("--recipes", nargs="*", default=RECIPES, help="the onnxlm rows to run (default: all built)")
     parser.add_argument("--section", default="quant", help="the docs/benchmarks.md section to write")
+    parser.add_argument("--out", type=Path, default=ROOT / "out",
+                        help="where the artifacts are (DIR/<recipe>); llama.cpp runs the GGUF that DIR/fp32 came from")
     args = parser.parse_args()
 
     recipes = list(dict.fromkeys(["fp32", *args.recipes]))
-    arts = {r: onnxlm.load(ROOT / "out" / r, threads=args.threads) for r in recipes if (ROOT / "out" / r).is_dir()}
+    arts = {r: onnxlm.load(args.out / r, threads=args.threads) for r in recipes if (args.out / r).is_dir()}
     missing = [r for r in recipes if r not in arts]
     genai_dirs = {"genai builder int4": ensure_genai_export(CACHE / "genai-int4", "int4"),
                   "genai builder fp32": ensure_genai_export(CACHE / "genai-fp32")}
@@ -66,7 +68,7 @@ def main() -> None:
     ppl = {f"onnxlm `{r}`": a.perplexity(GPL3, max_tokens=args.ppl_tokens)["ppl"] for r, a in arts.items()}
     for name, d in genai_dirs.items():  # genai's graph under plain ORT, fed onnxlm's token ids
         ppl[name] = session_perplexity(open_session(d / "model.onnx", args.threads), arts["fp32"].info, ids)
-    sizes = {f"onnxlm `{r}`": dir_size(ROOT / "out" / r) for r in arts}
+    sizes = {f"onnxlm `{r}`": dir_size(args.out / r) for r in arts}
     sizes.update({name: dir_size(d) for name, d in genai_dirs.items()})
     if llama is not None:
         del llama  # scored by a second instance that keeps the logits of every position
@@ -85,7 +87,7 @@ def main() -> None:
         f"Machine: {machine()}. Threads: {args.threads}. Medians of {args.runs} round-robin runs in one process; "
         "ratios are medians of the per-round ratios.",
         f"onnxruntime {onnxlm.artifact.package_versions().get('onnxruntime')}, onnxruntime-genai 0.18.0. PPL: GPL-3, "
-        f"first {len(ids)} tokens (GGUF `smollm` tokenizer), 512-token windows.",
+        f"first {len(ids)} tokens (GGUF `smollm` tokenizer), 512-token windows. Source: {gguf.name}.",
         "",
         "| system | PPL | vs fp32 | size MB | decode tok/s | vs genai int4 |" + (" vs llama.cpp |" if LLAMA in ppl else "")
         + " TTFT | prefill 512 | vs fp32 | greedy = fp32 (128) |",
@@ -103,6 +105,8 @@ def main() -> None:
     command = f"python bench/bench_quant.py --runs {args.runs} --threads {args.threads}"
     if args.recipes != RECIPES:
         command += f" --recipes {' '.join(args.recipes)} --section {args.section}"
+    if args.out != ROOT / "out":
+        command += f" --out {args.out}"
     publish(args.section, lines, command)
     plot(med, ppl, ROOT / "docs" / "quant-ppl-vs-speed.png")
 
