@@ -112,9 +112,10 @@ def compile_source(source, recipe, backend, output: Path, scratch: Path, calibra
     hit = graph_cache.lookup(sha, recipe.passes) if graph_cache else None
     start, done, interface = 0, [], Interface()
     if hit:
-        start, graph, prior, info, saved_interface = hit
+        start, graph, prior, info, saved_interface, tokenizer = hit
         say(f"resuming after {start} pass(es) from the graph cache")
         source.info, interface = ModelInfo.from_dict(info), Interface.from_dict(saved_interface)
+        source.tokenizer = tokenizer or source.tokenizer
         done = [PassReport(**r) for r in prior]
         source.torch_model = None
     elif source.kind == "onnx":
@@ -130,16 +131,18 @@ def compile_source(source, recipe, backend, output: Path, scratch: Path, calibra
     if probe is not backend:
         say(f"{backend.providers[0]} is not available here: the pass manager's checks run on {probe.providers[0]}")
     ctx = PassContext(info=source.info, source=source.describe(), scratch=scratch, calibration_ids=calibration_ids,
+                      calibration_text=calibration_text, tokenizer=source.tokenizer,
                       quantized_tensors=source.quantized_tensors, interface=interface, probe=probe)
 
     def snapshot(i: int, reports: list) -> None:
         graph_cache.save(sha, recipe.passes[: start + i], graph, [r.to_dict() for r in [*done, *reports]],
-                         ctx.info.to_dict(), ctx.interface.to_dict())
+                         ctx.info.to_dict(), ctx.interface.to_dict(), ctx.tokenizer)
 
     rest = Recipe(recipe.name, recipe.description, recipe.passes[start:])
     reports = [*done, *run_pipeline(graph, rest, ctx, on_pass=lambda name: say(f"pass {name}"),
                                     after_pass=snapshot if graph_cache else None)]
-    source.info = ctx.info  # a pass may change the model's facts (remove_layers: num_layers)
+    source.info = ctx.info  # a pass may change the model's facts (remove_layers: num_layers; trim_vocab: vocab)
+    source.tokenizer = ctx.tokenizer  # and the vocabulary (trim_vocab)
     say(f"writing {output}")
     output.mkdir(parents=True, exist_ok=True)
     write_artifact(output, graph, source, recipe, reports, ctx.interface, backend.target(probe),
