@@ -447,6 +447,8 @@ def tune(
         table.add_row(str(t.number), json.dumps(t.picks), t.state + (f": {t.reason}" if t.reason else ""),
                       f"{t.decode:.2f}", f"{t.prefill:.2f}", f"{t.ppl_increase:+.2f}", f"{t.size / 1e6:.1f}")
     out.print(table)
+    for note in result["notes"]:
+        err.print(note)
     if result["best"] is None:
         err.print(f"no trial met the budget of +{max_ppl_increase}% PPL; see {output / 'trials.csv'}")
         raise typer.Exit(1)

@@ -6,17 +6,23 @@ The search space is data (SPACE below, or `--space FILE.json`):
      "dimensions": [{"name": "quant", "choices": {"fp32": [], "int8": [{"pass": "quant_weight_only", ...}]}}, ...]}
 
 A trial picks one choice per dimension; its recipe is the base's passes, each choice's passes placed where their
-graph forms hold (Recipe.inserting, earliest), then `finish`. Each trial's artifact is built by `optimize` and
-cached by a key of the source's hash and the recipe, so a repeated trial costs nothing. It is scored against a
-reference artifact (the base recipe plus `finish`) in the same process: decode tok/s and 512-token prefill timed
-round-robin with the reference (the score is the ratio), PPL on the calibration text, bytes on disk. Optuna's TPE
-searches one objective, NSGA-II several; trials over the PPL budget are infeasible (Optuna's constraints).
+graph forms hold (Recipe.inserting, earliest), then `finish`. Each trial's artifact is built by `optimize` (on the
+same calibration text, DIR/calibration.txt) and cached by a key of the source's hash, that text and the recipe, so
+a repeated trial costs nothing. It is scored against a reference artifact (the base recipe plus `finish`) in the
+same process: decode tok/s and 512-token prefill timed round-robin with the reference (the score is the ratio),
+PPL on the calibration text, bytes on disk. Optuna's TPE searches one objective, NSGA-II several; trials over the
+PPL budget are infeasible (Optuna's constraints). A `trim_vocab` choice (e.g. {"full": [], "english":
+[{"pass": "trim_vocab", "corpus": "english.txt"}]}) is scored by the whole text's NLL over the reference's token
+count, since its tokenizer may split the text into more tokens. It is not in the default space: trimmed to the
+calibration text, the artifact would pass the budget on that text and fall back to bytes on every other.
 
 The graph after the export and first pass, and after the base recipe, is cached too (passes/graph_cache.py), so
 a trial pays only for the passes it does not share with an earlier one. DIR holds: best_recipe.json (rebuilds its
-artifact byte for byte through `onnxlm optimize --recipe`), best/ (that artifact), pareto.json, trials.csv,
-study.db (Optuna's storage: a second run resumes), cache/ and graphs/.
-Not built yet: the Ray fan-out, vocabulary trimming and session tuning (issue 23).
+artifact byte for byte through `onnxlm optimize --recipe`, with `--calibration DIR/calibration.txt` when the
+search had its own text), best/ (that artifact), pareto.json, pareto.png (PPL against decode speed, point area =
+size; needs matplotlib, the `onnxlm[tune]` extra), trials.csv, study.db (Optuna's storage: a second run resumes),
+cache/ and graphs/.
+Not built yet: the Ray fan-out and session tuning (issue 23).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from pathlib import Path
 from onnxlm.errors import OnnxlmError, first_line
 
 OBJECTIVES = {"decode": "maximize", "prefill": "maximize", "size": "minimize"}
+PPL_TOKENS = 4096  # the calibration text is scored on its first PPL_TOKENS tokens (the reference's tokenizer)
 
 SPACE = {
     "extends": "lowered",
@@ -127,25 +134,41 @@ class Tuner:
         from onnxlm.passes.recipe import load_recipe
 
         self.cache = self.output / "cache"
+        self.calibration = self.output / "calibration.txt"  # the builds' too: lossy reports, GPTQ, trim_vocab
+        self.calibration.write_text(calibration_text, encoding="utf-8")
+        self.text_key = hashlib.sha256(calibration_text.encode()).hexdigest()  # passes read it: part of the keys
         # the graph after the export and first pass, and after the base recipe: what most trials share
-        self.graphs = GraphCache(self.output / "graphs", (1, len(load_recipe(space.extends).passes)))
+        self.graphs = GraphCache(self.output / "graphs" / self.text_key[:12],
+                                 (1, len(load_recipe(space.extends).passes)))
         self.source = source_key(model)
         self.trials: list[Trial] = []
         self.reference = self.build(space.recipe({}))
-        self.reference_ppl = self.reference.perplexity(text=self.text)["ppl"]
+        ids = self.reference.tokenizer.encode(calibration_text, add_bos=False)
+        self.text = self.reference.tokenizer.decode(ids[:PPL_TOKENS])  # every trial scores the same text
+        self.reference_ppl, self.reference_tokens = self.perplexity(self.reference)
+
+    def perplexity(self, art) -> tuple[float, int]:
+        """(PPL, scored tokens) on the calibration text. A trial whose tokenizer splits the text into more tokens
+        (trim_vocab's dropped tokens become bytes) is compared by the whole text's NLL: its PPL is given over the
+        reference's token count, exp(total NLL / reference tokens)."""
+        result = art.perplexity(text=self.text, max_tokens=1 << 30)
+        tokens = result["scored_tokens"]
+        reference = getattr(self, "reference_tokens", tokens)
+        return math.exp(result["nll"] * tokens / reference), tokens
 
     def build(self, recipe):
         """The artifact of `recipe`, from the cache when an earlier trial built it."""
         import onnxlm
 
-        key = hashlib.sha256(json.dumps([self.source, recipe.to_dict()["passes"]], sort_keys=True).encode())
+        key = hashlib.sha256(json.dumps([self.source, self.text_key, recipe.to_dict()["passes"]],
+                                        sort_keys=True).encode())
         directory = self.cache / key.hexdigest()[:20]
         if not (directory / "manifest.json").is_file():
             recipe_file = self.cache / f"{directory.name}.json"
             recipe_file.parent.mkdir(parents=True, exist_ok=True)
             recipe_file.write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
             onnxlm.optimize(self.model, recipe=str(recipe_file), output=directory, overwrite=True,
-                            graph_cache=self.graphs)
+                            calibration=self.calibration, graph_cache=self.graphs)
         return onnxlm.load(directory, threads=self.threads)
 
     def score(self, number: int, picks: dict[str, str]) -> Trial:
@@ -153,7 +176,7 @@ class Tuner:
         try:
             art = self.build(self.space.recipe(picks))
             trial.key = art.directory.name
-            trial.ppl = art.perplexity(text=self.text)["ppl"]
+            trial.ppl = self.perplexity(art)[0]
             trial.ppl_increase = 100 * (trial.ppl / self.reference_ppl - 1)
             trial.size = sum(p.stat().st_size for p in art.directory.rglob("*") if p.is_file())
             trial.decode, trial.prefill = timed_against(art, self.reference, self.runs)
@@ -241,11 +264,13 @@ def tune(model: str, output: Path, objectives: list[str], max_ppl_increase: floa
     front = pareto(tuner.trials, objectives)
     best = max(front, key=lambda t: tuner.values(t)[0] * (1 if OBJECTIVES[objectives[0]] == "maximize" else -1),
                default=None)
-    write_outputs(output, tuner, front, best)
-    return {"best": best, "pareto": front, "trials": tuner.trials}
+    notes = write_outputs(output, tuner, front, best)
+    return {"best": best, "pareto": front, "trials": tuner.trials, "notes": notes}
 
 
-def write_outputs(output: Path, tuner: Tuner, front: list[Trial], best: Trial | None) -> None:
+def write_outputs(output: Path, tuner: Tuner, front: list[Trial], best: Trial | None) -> list[str]:
+    """trials.csv, pareto.json, pareto.png (when matplotlib is installed), best_recipe.json and best/; returns
+    notes for the user (what was not written)."""
     fields = [f.name for f in dataclasses.fields(Trial)]
     with open(output / "trials.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
@@ -255,10 +280,40 @@ def write_outputs(output: Path, tuner: Tuner, front: list[Trial], best: Trial | 
     (output / "pareto.json").write_text(json.dumps(
         {"objectives": tuner.objectives, "max_ppl_increase": tuner.max_ppl_increase,
          "reference_ppl": tuner.reference_ppl, "trials": [dataclasses.asdict(t) for t in front]}, indent=2) + "\n")
+    notes = [note] if (note := plot_front(output / "pareto.png", tuner, front)) else []
     if best is None:
-        return
+        return notes
     recipe = tuner.space.recipe(best.picks)
     (output / "best_recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
     if (output / "best").exists():
         shutil.rmtree(output / "best")
     shutil.copytree(tuner.cache / best.key, output / "best")
+    return notes
+
+
+def plot_front(path: Path, tuner: Tuner, front: list[Trial]) -> str | None:
+    """PPL against decode speed for every scored trial, the front highlighted, point area = artifact size; a
+    note instead when matplotlib is not installed (it is the `onnxlm[tune]` extra)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return "pareto.png not written: matplotlib is not installed (pip install 'onnxlm[tune]')"
+    scored = [t for t in tuner.trials if t.state != "failed" and math.isfinite(t.decode) and math.isfinite(t.ppl)]
+    largest = max((t.size for t in scored), default=1) or 1
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    for trials, style in ((scored, {"c": "lightgray", "edgecolors": "gray", "label": "trials"}),
+                          (front, {"c": "tab:blue", "label": "Pareto front"})):
+        ax.scatter([t.decode for t in trials], [t.ppl for t in trials], s=[20 + 400 * t.size / largest for t in trials],
+                   alpha=0.7, **style)
+    for t in front:
+        ax.annotate(", ".join(f"{k}={v}" for k, v in t.picks.items()), (t.decode, t.ppl), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")
+    ax.axhline(tuner.reference_ppl * (1 + tuner.max_ppl_increase / 100), ls="--", c="tab:red",
+               label=f"PPL budget (+{tuner.max_ppl_increase:g}%)")
+    ax.set_xlabel("decode tok/s, x the reference's (round-robin)")
+    ax.set_ylabel("PPL on the calibration text")
+    ax.set_title("onnxlm tune (point area: artifact size)")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return None

@@ -79,7 +79,7 @@ def run_pipeline(
         logits, ppl_after = check_graph(model, ctx, ctx.calibration_ids if scored else None)
         check = {}
         if not p.lossless:
-            check = {"ppl_before": ppl, "ppl_after": ppl_after, "ppl_tokens": len(ctx.calibration_ids if scored else ()),
+            check = {"ppl_before": ppl, "ppl_after": ppl_after, "ppl_tokens": len(ctx.calibration_ids),
                      **ctx.metrics}
         if p.lossless:
             diff = float(np.abs(logits - reference).max())

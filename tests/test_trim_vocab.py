@@ -121,7 +121,7 @@ def test_a_trimmed_int4_artifact_builds_with_the_head_shared(tiny_hf_dir, tmp_pa
 def test_the_pass_order_and_options_are_checked_in_one_line(tmp_path):
     trim = make_pass({"pass": "trim_vocab"})
     int4 = load_recipe("int4-rtn")
-    with pytest.raises(OnnxlmError, match=r"pass 'trim_vocab' at step 12 needs float weights \(before quantization\), but"):
+    with pytest.raises(OnnxlmError, match=r"'trim_vocab' at step 12 needs float weights \(before quantization\), but"):
         Recipe("late", "", [*int4.passes, trim]).checked()
     with pytest.raises(OnnxlmError, match="max_vocab must be >= 0"):
         make_pass({"pass": "trim_vocab", "max_vocab": -1})

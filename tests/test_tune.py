@@ -33,6 +33,12 @@ def test_a_small_search_writes_its_results_and_the_best_recipe_rebuilds_its_arti
     assert len(rows) == 5 and rows[0].startswith("number,picks,state")
     front = json.loads((out / "pareto.json").read_text())
     assert front["trials"] and front["objectives"] == ["decode"]
+    try:
+        import matplotlib  # noqa: F401
+
+        assert (out / "pareto.png").read_bytes().startswith(b"\x89PNG")
+    except ImportError:  # the PNG needs the onnxlm[tune] extra: one line says so
+        assert not (out / "pareto.png").exists() and "pareto.png not written: matplotlib" in err
     rebuilt = onnxlm.optimize(str(tiny_hf_dir), recipe=str(out / "best_recipe.json"), output=tmp_path / "again")
     for name in ("model.onnx", "model.onnx.data"):
         assert (out / "best" / name).read_bytes() == (rebuilt.directory / name).read_bytes()
@@ -88,3 +94,22 @@ def test_a_build_resumed_after_the_first_pass_is_byte_identical(tiny_hf_dir, tmp
     assert "resuming after 1 pass(es) from the graph cache" in said
     for name in ("model.onnx", "model.onnx.data"):
         assert (plain.directory / name).read_bytes() == (resumed.directory / name).read_bytes()
+
+
+def test_a_trimmed_vocabulary_is_a_search_dimension_scored_on_the_same_text(tiny_hf_dir, tmp_path, capsys):
+    """trim_vocab (default corpus: the calibration text) goes right after the first cleanup, before quantizing; on
+    its own corpus it keeps every token, so its PPL (over the kept tokens) can only fall."""
+    space = {**SPACE, "dimensions": [{"name": "vocab", "choices": {"trimmed": [{"pass": "trim_vocab"}]}},
+                                     {"name": "quant", "choices": {"int8": SPACE["dimensions"][0]["choices"]["int8"]}}]}
+    recipe = [p.name for p in Space.from_dict(space).recipe({"vocab": "trimmed", "quant": "int8"}).passes]
+    assert recipe[:3] == ["cleanup", "trim_vocab", "fuse_rms_norm"] and recipe.index("quant_weight_only") > 2
+    path = tmp_path / "space.json"
+    path.write_text(json.dumps({**space, "dimensions": space["dimensions"][:1]}))
+    out = tmp_path / "tune"
+    code, _, err = run_cli(capsys, "tune", tiny_hf_dir, "-o", out, "--space", path, "--trials", "1",
+                           "--max-ppl-increase", "0", "--runs", "1", "--objective", "size")
+    assert code == 0, err
+    trial = json.loads((out / "pareto.json").read_text())["trials"][0]
+    assert trial["ppl_increase"] <= 1e-6
+    manifest = json.loads((out / "best" / "manifest.json").read_text())
+    assert manifest["model"]["vocab_size"] < 320
