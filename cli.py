@@ -429,10 +429,16 @@ def tune(
     space: Annotated[Optional[Path], typer.Option(help="Search space JSON (default: quantization x layer removal).")] = None,
     calibration: Annotated[Optional[Path], typer.Option(help="UTF-8 text for the PPL budget (default: onnxlm's).")] = None,
     runs: Annotated[int, typer.Option(min=1, help="Timing rounds per trial, round-robin with the reference.")] = 3,
+    ray: Annotated[Optional[str], typer.Option(
+        "--ray", help='Run the trials as Ray tasks: "local" (a Ray instance on loopback) or a cluster\'s address '
+                      '(auto, HOST:PORT, ray://HOST:10001); -o must be on a filesystem every node sees.')] = None,
+    concurrency: Annotated[Optional[int], typer.Option(
+        min=1, help="--ray: trials at a time (default: the cluster's nodes, at least 2); each machine times one "
+                    "trial at a time.")] = None,
     threads: Threads = None,
 ):
     """Search recipes for the fastest artifact within a PPL budget (Optuna: TPE, or NSGA-II for several
-    objectives). Writes best_recipe.json, best/, pareto.json and trials.csv into -o."""
+    objectives). Writes best_recipe.json, best/, pareto.json, pareto.png and trials.csv into -o."""
     from onnxlm.schema import read_json, read_text
     from onnxlm.tune import Space
     from onnxlm.tune import tune as run_tune
@@ -441,7 +447,7 @@ def tune(
     text = read_text(calibration) if calibration else None
     with steps() as say:
         result = run_tune(model, output, objective or ["decode"], max_ppl_increase, trials, the_space, text, runs,
-                          threads, say=say)
+                          threads, say=say, ray_address=ray, concurrency=concurrency)
     table = Table("trial", "picks", "state", "decode x", "prefill x", "PPL +%", "MB", title="trials")
     for t in result["trials"]:
         table.add_row(str(t.number), json.dumps(t.picks), t.state + (f": {t.reason}" if t.reason else ""),

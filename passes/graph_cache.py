@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 GRAPH = "graph.onnx"
@@ -71,9 +73,18 @@ class GraphCache:
         entry = self._entry(source_sha, passes)
         if len(passes) not in self.snapshots or (entry / "state.json").is_file():
             return
-        entry.mkdir(parents=True, exist_ok=True)
-        ir.save(model, entry / GRAPH, external_data=GRAPH + ".data")
+        # written aside and renamed into place: builds in other processes (tune --ray) may save or read it too
+        staging = entry.with_name(f".{entry.name}.{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        ir.save(model, staging / GRAPH, external_data=GRAPH + ".data")
         if tokenizer is not None:
-            tokenizer.save(str(entry / TOKENIZER))
+            tokenizer.save(str(staging / TOKENIZER))
         state = {"reports": reports, "info": info, "interface": interface, "names": names_of(model.graph)}
-        (entry / "state.json").write_text(json.dumps(state))  # last: an entry without it is incomplete
+        (staging / "state.json").write_text(json.dumps(state))
+        if entry.exists() and not (entry / "state.json").is_file():  # left incomplete by a killed build
+            shutil.rmtree(entry, ignore_errors=True)
+        try:
+            staging.rename(entry)
+        except OSError:  # another build saved the same entry first
+            shutil.rmtree(staging, ignore_errors=True)

@@ -113,3 +113,35 @@ def test_a_trimmed_vocabulary_is_a_search_dimension_scored_on_the_same_text(tiny
     assert trial["ppl_increase"] <= 1e-6
     manifest = json.loads((out / "best" / "manifest.json").read_text())
     assert manifest["model"]["vocab_size"] < 320
+
+
+def test_trials_fan_out_as_ray_tasks_on_a_local_instance(tiny_hf_dir, tmp_path, monkeypatch):
+    """--ray local: a Ray instance on loopback (no dashboard), 2 tasks at a time, 4 trials; it stops with the
+    search. Each trial is scored in a Ray worker process, not in the driver."""
+    pytest.importorskip("ray")
+    import os
+
+    import ray
+
+    from onnxlm.tune import tune
+
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    out = tmp_path / "tune"
+    result = tune(str(tiny_hf_dir), out, ["decode"], 1000.0, 4, Space.from_dict(SPACE), runs=1,
+                  ray_address="local", concurrency=2)
+    assert not ray.is_initialized()
+    trials = result["trials"]
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3] and all(t.state == "ok" for t in trials)
+    workers = {t.worker for t in trials}
+    assert len(workers) == 2 and not any(w.endswith(f":{os.getpid()}") for w in workers)
+    assert len((out / "trials.csv").read_text().splitlines()) == 5 and result["best"] is not None
+
+
+def test_a_ray_address_that_cannot_be_reached_is_one_line_and_writes_nothing(tiny_hf_dir, tmp_path, capsys):
+    pytest.importorskip("ray")
+    out = tmp_path / "tune"
+    code, _, err = run_cli(capsys, "tune", tiny_hf_dir, "-o", out, "--ray", "127.0.0.1:1", "--trials", "1")
+    assert code == 2 and err.startswith("error: the Ray cluster at 127.0.0.1:1 cannot be reached")
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+    code, _, err = run_cli(capsys, "tune", tiny_hf_dir, "-o", out, "--concurrency", "2", "--trials", "1")
+    assert code == 2 and "--concurrency needs --ray" in err and not out.exists()
