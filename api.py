@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -32,6 +33,7 @@ def optimize(
     sparsity: float | None = None,
     overwrite: bool = False,
     graph_cache=None,
+    trim_vocab: str | Path | None = None,
 ) -> Artifact:
     """Load `model`, export it, run the recipe's passes and `ep`'s lowering passes (backends/), and write the
     artifact to `output`, with `ep` as its target.
@@ -43,7 +45,8 @@ def optimize(
     `self_draft_layers` N also writes `output/draft/`: the same model built with `draft_recipe` (default: the
     same recipe) plus `remove_layers` N, for self-speculative decoding. `kv_scores` appends the
     `expose_attention` pass (positions apart from cache slots, attention probabilities as outputs): what the h2o
-    and veda KV policies need.
+    and veda KV policies need. `trim_vocab` (a UTF-8 corpus) adds the `trim_vocab` pass before the first
+    quantizing pass: the embedding, head and tokenizer keep the corpus's tokens, special and byte tokens.
 
     `graph_cache` (a directory, or a passes.graph_cache.GraphCache) keeps the graph after the recipe's first pass,
     so that a later build of a recipe with the same start skips the export: `onnxlm tune` uses it.
@@ -68,10 +71,16 @@ def optimize(
     the_recipe = with_sparsity(the_recipe, sparsity)
     if kv_scores:
         the_recipe = with_pass(the_recipe, {"pass": "expose_attention"})
+    trim = {"pass": "trim_vocab", "corpus": str(trim_vocab)} if trim_vocab is not None else None
+    the_recipe = with_pass(the_recipe, trim, where="earliest") if trim else the_recipe
     builds = [(the_recipe, Path())]
     if self_draft_layers is not None:
         base = load_recipe(draft_recipe) if draft_recipe else apply_overrides(load_recipe(recipe), overrides or {})
+        base = with_pass(base, trim, where="earliest") if trim else base
         builds.append((with_layer_removal(base, self_draft_layers, None), Path(DRAFT_DIR)))
+        if len({json.dumps([p.to_dict() for p in r.passes if p.name == "trim_vocab"]) for r, _ in builds}) > 1:
+            raise OnnxlmError("the self-draft must keep the model's vocabulary: its recipe needs the same trim_vocab "
+                              "pass (or none in either)")
     backend = get_backend(ep)
     builds = [(with_lowering(r, backend), where) for r, where in builds]
     calibration_text = read_text(Path(calibration) if calibration else CALIBRATION_TEXT)
@@ -188,13 +197,14 @@ def with_lowering(recipe, backend):
                   [*recipe.passes, *(make_pass(s) for s in backend.lowering)]).checked()
 
 
-def with_pass(recipe, spec: dict):
-    """`recipe` with one more pass, as late as the graph forms it requires allow (expose_attention: at the end)."""
+def with_pass(recipe, spec: dict, where: str = "latest"):
+    """`recipe` with one more pass, as late (or early) as the graph forms it requires allow (expose_attention: at
+    the end; trim_vocab: after the first cleanup)."""
     from onnxlm.passes.registry import make_pass
 
     if any(p.name == spec["pass"] for p in recipe.passes):
         raise OnnxlmError(f"recipe '{recipe.name}' already has the pass {spec['pass']}")
-    return recipe.inserting([make_pass(spec)], where="latest")
+    return recipe.inserting([make_pass(spec)], where=where)
 
 
 def apply_overrides(recipe, overrides: dict[str, dict]):

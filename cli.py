@@ -97,6 +97,9 @@ def check_summary(check: dict) -> str:
             text += f", weight error {check['weight_rel_error']:.4f}"
         if check.get("bytes_after") and check.get("bytes_before") is not None:
             text += f", {check['bytes_before'] / 1e6:.0f} -> {check['bytes_after'] / 1e6:.0f} MB"
+        if check.get("vocab_after") is not None:
+            text += (f", vocabulary {check['vocab_before']} -> {check['vocab_after']} (OOV {check['oov_rate']:.1%} of "
+                     "the calibration tokens)")
         if choice := check.get("accuracy_choice"):
             steps = " vs ".join(f"{v} ms at level {k}" for k, v in choice["decode_step_ms"].items())
             text += f", accuracy_level {choice['chosen']} chosen here ({steps} per decode step)"
@@ -141,6 +144,9 @@ def optimize(
              "expose_attention pass), for --kv-policy h2o / veda.")] = False,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace an artifact already at OUTPUT (without it, an existing artifact is refused).")] = False,
+    trim_vocab: Annotated[Optional[Path], typer.Option(
+        help="Keep only the tokens this UTF-8 corpus uses (plus special and byte tokens): a smaller embedding, LM "
+             "head and tokenizer (the trim_vocab pass, before quantization).")] = None,
     sparsity: Annotated[Optional[float], typer.Option(
         min=0.0, max=0.83, help="La RoSA: rotate the residual stream (lossless) and keep the top (1 - S) of each "
                                "linear's input per token in decode (0.8 S on rotated inputs, 1.2 S on o/down).")] = None,
@@ -161,7 +167,7 @@ def optimize(
         art = run_optimize(model, recipe=recipe, output=output, ep=ep, progress=say, overrides=overrides,
                            calibration=calibration, self_draft_layers=self_draft_layers, draft_recipe=draft_recipe,
                            remove_layers=remove_layers, max_ppl_increase=max_ppl_increase,
-                           kv_scores=kv_scores, sparsity=sparsity, overwrite=overwrite)
+                           kv_scores=kv_scores, sparsity=sparsity, overwrite=overwrite, trim_vocab=trim_vocab)
     for report in art.manifest["passes"]:
         err.print(f"  {report['name']}: {report['nodes_before']} -> {report['nodes_after']} nodes, "
                   f"{check_summary(report['check'])}")

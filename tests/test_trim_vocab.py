@@ -155,3 +155,21 @@ def test_a_trimmed_build_resumed_from_the_graph_cache_is_byte_identical(tiny_hf_
     assert "resuming after 2 pass(es) from the graph cache" in said
     for name in ("model.onnx", "model.onnx.data", "tokenizer.json", "genai_config.json", "tokenizer_config.json"):
         assert (first.directory / name).read_bytes() == (second.directory / name).read_bytes()
+
+
+def test_the_cli_option_trims_the_model_and_its_self_draft_alike(tiny_hf_dir, tmp_path, capsys):
+    from cli_helpers import run_cli
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(KEPT_TEXT)
+    out = tmp_path / "a"
+    code, _, err = run_cli(capsys, "optimize", tiny_hf_dir, "-o", out, "--trim-vocab", corpus,
+                           "--self-draft-layers", "1")
+    assert code == 0, err
+    assert "trim_vocab: " in err and "vocabulary 320 -> " in err
+    model, draft = (json.loads((d / "manifest.json").read_text())["model"] for d in (out, out / "draft"))
+    assert model["vocab_size"] == draft["vocab_size"] < 320
+    assert (out / "tokenizer.json").read_bytes() == (out / "draft" / "tokenizer.json").read_bytes()
+    code, _, err = run_cli(capsys, "optimize", tiny_hf_dir, "-o", tmp_path / "b", "--recipe", trim_recipe(tmp_path),
+                           "--self-draft-layers", "1", "--draft-recipe", "fp32")
+    assert code == 2 and "the self-draft must keep the model's vocabulary" in err and not (tmp_path / "b").exists()
