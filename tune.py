@@ -213,7 +213,7 @@ class Tuner:
 
 # A machine-wide lock file (not in DIR: each node of a Ray cluster has its own /tmp): trials on one machine build
 # under a shared lock and time under an exclusive one, so that no timing shares the cores with another trial.
-TIMING_LOCK = Path(tempfile.gettempdir()) / "onnxlm-tune-timing.lock"
+TIMING_LOCK = Path(tempfile.gettempdir()) / f"onnxlm-tune-timing-{os.getuid()}.lock"
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ import collections
 import dataclasses
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +163,7 @@ def kept_ids(tokenizer, used: collections.Counter, info, cap: int) -> list[int]:
         return out
 
     base = {a["id"] for a in data.get("added_tokens", []) if a["id"] < info.vocab_size}
+    remapped(data.get("post_processor"), lambda i: base.add(i) or i)  # the ids its templates insert
     base |= {i for i in (info.bos_token_id, *info.eos_token_ids) if i is not None}
     base |= {i for t, i in vocab.items() if len(t) == 1 or BYTE_FALLBACK.fullmatch(t) or t == model.get("unk_token")}
     kept = closure(base)
@@ -194,13 +196,13 @@ def trimmed_tokenizer(tokenizer, kept: list[int]):
     model["merges"] = [m for m in model.get("merges", [])
                        if all(t in model["vocab"] for t in (*merge_pair(m), merged(*merge_pair(m), model)))]
     data["added_tokens"] = [{**a, "id": new_id[a["id"]]} for a in data.get("added_tokens", []) if a["id"] in new_id]
-    data["post_processor"] = remapped(data.get("post_processor"), new_id)
+    data["post_processor"] = remapped(data.get("post_processor"), new_id.__getitem__)
     return Tokenizer.from_str(json.dumps(data))
 
 
-def remapped(node, new_id: dict[int, int]):
-    """A post-processor's JSON with its special tokens' ids renumbered (TemplateProcessing's `ids`, Bert and
-    Roberta's [token, id] pairs), in any Sequence."""
+def remapped(node, new_id: Callable[[int], int]):
+    """A post-processor's JSON with `new_id` applied to its special tokens' ids (TemplateProcessing's `ids`, Bert
+    and Roberta's [token, id] pairs), in any Sequence."""
     if isinstance(node, list):
         return [remapped(n, new_id) for n in node]
     if not isinstance(node, dict):
@@ -208,9 +210,9 @@ def remapped(node, new_id: dict[int, int]):
     out = {}
     for key, value in node.items():
         if key == "ids" and isinstance(value, list):
-            out[key] = [new_id[i] for i in value]
+            out[key] = [new_id(i) for i in value]
         elif key in ("sep", "cls") and isinstance(value, list) and len(value) == 2 and isinstance(value[1], int):
-            out[key] = [value[0], new_id[value[1]]]
+            out[key] = [value[0], new_id(value[1])]
         else:
             out[key] = remapped(value, new_id)
     return out

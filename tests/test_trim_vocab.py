@@ -105,11 +105,16 @@ def test_untied_and_soft_capped_heads_are_trimmed(variant, tmp_path):
     np.testing.assert_array_equal(logits_of(art, art.tokenizer.encode(IN_LANGUAGE[0])), logits_of(full, ids)[:, kept])
 
 
-def test_a_trimmed_int4_artifact_builds_with_the_head_shared(tiny_hf_dir, tmp_path):
-    """Quantized heads: trim_vocab runs on the float weights, before the quantizers (its graph forms say so)."""
-    art = onnxlm.optimize(str(tiny_hf_dir), recipe=trim_recipe(tmp_path, base="int4-rtn"), output=tmp_path / "a")
+@pytest.mark.parametrize("source,recipe", [("tiny_hf_dir", "int4-rtn"), ("tiny_q4_gguf", "int4-fast")])
+def test_a_trimmed_int4_artifact_builds_with_the_head_shared(source, recipe, request, tmp_path):
+    """Quantized heads: trim_vocab runs on the float weights, before the quantizers (its graph forms say so); a
+    GGUF's Q8_0 head still matches its rows bit for bit, only fewer of them."""
+    model = request.getfixturevalue(source)
+    art = onnxlm.optimize(str(model), recipe=trim_recipe(tmp_path, base=recipe), output=tmp_path / "a")
     names = [p["pass"] for p in art.manifest["recipe"]["passes"]]
-    assert names.index("trim_vocab") < names.index("quant_weight_only")
+    assert names.index("trim_vocab") < min(i for i, n in enumerate(names) if n.startswith("quant_"))
+    exact = [r for r in art.manifest["passes"] if r["name"] == "quant_gguf_exact"]
+    assert not exact or (exact[0]["matched"]["matmul_nbits_q8_0"] == 1 and exact[0]["check"]["weights_bit_identical"])
     assert art.info.vocab_size == report(art)["check"]["vocab_after"]
     assert art.manifest["op_histogram"].get("com.microsoft::GatherBlockQuantized") == 1
     from onnxlm.runtime.decoding import Decoding
@@ -173,3 +178,21 @@ def test_the_cli_option_trims_the_model_and_its_self_draft_alike(tiny_hf_dir, tm
     code, _, err = run_cli(capsys, "optimize", tiny_hf_dir, "-o", tmp_path / "b", "--recipe", trim_recipe(tmp_path),
                            "--self-draft-layers", "1", "--draft-recipe", "fp32")
     assert code == 2 and "the self-draft must keep the model's vocabulary" in err and not (tmp_path / "b").exists()
+
+
+def test_a_post_processors_special_tokens_are_kept_and_renumbered(tiny_hf_dir):
+    """A tokenizer that adds BOS itself (TemplateProcessing, as Llama's) still adds it, at its new id."""
+    import collections
+
+    from tokenizers import Tokenizer, processors
+
+    from onnxlm.model_info import ModelInfo
+    from onnxlm.passes.trim_vocab import kept_ids, trimmed_tokenizer
+
+    old = Tokenizer.from_file(str(tiny_hf_dir / "tokenizer.json"))
+    old.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)])
+    info = ModelInfo("llama", 2, 4, 2, 16, 64, 320, 1024, 1e4, None, [2])
+    kept = kept_ids(old, collections.Counter(old.encode("the fox").ids), info, 0)
+    new = trimmed_tokenizer(old, kept)
+    assert len(kept) < 320 and [kept[i] for i in new.encode("the fox").ids] == old.encode("the fox").ids
+    assert new.encode("the fox").tokens[0] == "<|im_start|>"
