@@ -433,7 +433,9 @@ def tune(
     objective: Annotated[Optional[list[str]], typer.Option(help="decode | prefill | size; repeat for a Pareto search (NSGA-II).")] = None,
     trials: Annotated[int, typer.Option(min=1, help="Trials to run (a second run into DIR resumes the study).")] = 20,
     space: Annotated[Optional[Path], typer.Option(help="Search space JSON (default: quantization x layer removal).")] = None,
-    calibration: Annotated[Optional[Path], typer.Option(help="UTF-8 text for the PPL budget (default: onnxlm's).")] = None,
+    calibration: Annotated[Optional[Path], typer.Option(
+        help="UTF-8 text for the PPL budget and the trials' builds (calibrating passes, trim_vocab's default corpus; "
+             "default: onnxlm's).")] = None,
     runs: Annotated[int, typer.Option(min=1, help="Timing rounds per trial, round-robin with the reference.")] = 3,
     ray: Annotated[Optional[str], typer.Option(
         "--ray", help='Run the trials as Ray tasks: "local" (a Ray instance on loopback) or a cluster\'s address '
