@@ -21,8 +21,8 @@ a trial pays only for the passes it does not share with an earlier one. DIR hold
 artifact byte for byte through `onnxlm optimize --recipe`, with `--calibration DIR/calibration.txt` when the
 search had its own text), best/ (that artifact), pareto.json, pareto.png (PPL against decode speed, point area =
 size; needs matplotlib, the `onnxlm[tune]` extra), trials.csv, study.db (Optuna's storage: a second run resumes),
-cache/ and graphs/.
-Not built yet: the Ray fan-out and session tuning (issue 23).
+cache/ and graphs/. With `--ray local|ADDRESS` the trials run as Ray tasks (ray_trials), Optuna staying on the
+driver. Not built yet: session tuning and --time-budget (issue 23).
 """
 
 from __future__ import annotations
