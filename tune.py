@@ -142,7 +142,10 @@ class Tuner:
 
         self.cache = self.output / "cache"
         self.calibration = self.output / "calibration.txt"  # the builds' too: lossy reports, GPTQ, trim_vocab
-        self.calibration.write_text(calibration_text, encoding="utf-8")
+        if not self.calibration.is_file() or self.calibration.read_text(encoding="utf-8") != calibration_text:
+            staged = self.calibration.with_name(f".calibration.{os.getpid()}")  # Ray workers' builds may read it
+            staged.write_text(calibration_text, encoding="utf-8")
+            staged.replace(self.calibration)
         self.text_key = hashlib.sha256(calibration_text.encode()).hexdigest()  # passes read it: part of the keys
         # the graph after the export and first pass, and after the base recipe: what most trials share
         self.graphs = GraphCache(self.output / "graphs" / self.text_key[:12],
