@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -32,6 +33,7 @@ def optimize(
     sparsity: float | None = None,
     overwrite: bool = False,
     graph_cache=None,
+    trim_vocab: str | Path | None = None,
 ) -> Artifact:
     """Load `model`, export it, run the recipe's passes and `ep`'s lowering passes (backends/), and write the
     artifact to `output`, with `ep` as its target.
@@ -43,7 +45,8 @@ def optimize(
     `self_draft_layers` N also writes `output/draft/`: the same model built with `draft_recipe` (default: the
     same recipe) plus `remove_layers` N, for self-speculative decoding. `kv_scores` appends the
     `expose_attention` pass (positions apart from cache slots, attention probabilities as outputs): what the h2o
-    and veda KV policies need.
+    and veda KV policies need. `trim_vocab` (a UTF-8 corpus) adds the `trim_vocab` pass before the first
+    quantizing pass: the embedding, head and tokenizer keep the corpus's tokens, special and byte tokens.
 
     `graph_cache` (a directory, or a passes.graph_cache.GraphCache) keeps the graph after the recipe's first pass,
     so that a later build of a recipe with the same start skips the export: `onnxlm tune` uses it.
@@ -68,10 +71,16 @@ def optimize(
     the_recipe = with_sparsity(the_recipe, sparsity)
     if kv_scores:
         the_recipe = with_pass(the_recipe, {"pass": "expose_attention"})
+    trim = {"pass": "trim_vocab", "corpus": str(trim_vocab)} if trim_vocab is not None else None
+    the_recipe = with_pass(the_recipe, trim, where="earliest") if trim else the_recipe
     builds = [(the_recipe, Path())]
     if self_draft_layers is not None:
         base = load_recipe(draft_recipe) if draft_recipe else apply_overrides(load_recipe(recipe), overrides or {})
+        base = with_pass(base, trim, where="earliest") if trim else base
         builds.append((with_layer_removal(base, self_draft_layers, None), Path(DRAFT_DIR)))
+        if len({json.dumps([p.to_dict() for p in r.passes if p.name == "trim_vocab"]) for r, _ in builds}) > 1:
+            raise OnnxlmError("the self-draft must keep the model's vocabulary: its recipe needs the same trim_vocab "
+                              "pass (or none in either)")
     backend = get_backend(ep)
     builds = [(with_lowering(r, backend), where) for r, where in builds]
     calibration_text = read_text(Path(calibration) if calibration else CALIBRATION_TEXT)
@@ -112,9 +121,10 @@ def compile_source(source, recipe, backend, output: Path, scratch: Path, calibra
     hit = graph_cache.lookup(sha, recipe.passes) if graph_cache else None
     start, done, interface = 0, [], Interface()
     if hit:
-        start, graph, prior, info, saved_interface = hit
+        start, graph, prior, info, saved_interface, tokenizer = hit
         say(f"resuming after {start} pass(es) from the graph cache")
         source.info, interface = ModelInfo.from_dict(info), Interface.from_dict(saved_interface)
+        source.tokenizer = tokenizer or source.tokenizer
         done = [PassReport(**r) for r in prior]
         source.torch_model = None
     elif source.kind == "onnx":
@@ -130,16 +140,18 @@ def compile_source(source, recipe, backend, output: Path, scratch: Path, calibra
     if probe is not backend:
         say(f"{backend.providers[0]} is not available here: the pass manager's checks run on {probe.providers[0]}")
     ctx = PassContext(info=source.info, source=source.describe(), scratch=scratch, calibration_ids=calibration_ids,
+                      calibration_text=calibration_text, tokenizer=source.tokenizer,
                       quantized_tensors=source.quantized_tensors, interface=interface, probe=probe)
 
     def snapshot(i: int, reports: list) -> None:
         graph_cache.save(sha, recipe.passes[: start + i], graph, [r.to_dict() for r in [*done, *reports]],
-                         ctx.info.to_dict(), ctx.interface.to_dict())
+                         ctx.info.to_dict(), ctx.interface.to_dict(), ctx.tokenizer)
 
     rest = Recipe(recipe.name, recipe.description, recipe.passes[start:])
     reports = [*done, *run_pipeline(graph, rest, ctx, on_pass=lambda name: say(f"pass {name}"),
                                     after_pass=snapshot if graph_cache else None)]
-    source.info = ctx.info  # a pass may change the model's facts (remove_layers: num_layers)
+    source.info = ctx.info  # a pass may change the model's facts (remove_layers: num_layers; trim_vocab: vocab)
+    source.tokenizer = ctx.tokenizer  # and the vocabulary (trim_vocab)
     say(f"writing {output}")
     output.mkdir(parents=True, exist_ok=True)
     write_artifact(output, graph, source, recipe, reports, ctx.interface, backend.target(probe),
@@ -185,13 +197,14 @@ def with_lowering(recipe, backend):
                   [*recipe.passes, *(make_pass(s) for s in backend.lowering)]).checked()
 
 
-def with_pass(recipe, spec: dict):
-    """`recipe` with one more pass, as late as the graph forms it requires allow (expose_attention: at the end)."""
+def with_pass(recipe, spec: dict, where: str = "latest"):
+    """`recipe` with one more pass, as late (or early) as the graph forms it requires allow (expose_attention: at
+    the end; trim_vocab: after the first cleanup)."""
     from onnxlm.passes.registry import make_pass
 
     if any(p.name == spec["pass"] for p in recipe.passes):
         raise OnnxlmError(f"recipe '{recipe.name}' already has the pass {spec['pass']}")
-    return recipe.inserting([make_pass(spec)], where="latest")
+    return recipe.inserting([make_pass(spec)], where=where)
 
 
 def apply_overrides(recipe, overrides: dict[str, dict]):

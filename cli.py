@@ -97,6 +97,9 @@ def check_summary(check: dict) -> str:
             text += f", weight error {check['weight_rel_error']:.4f}"
         if check.get("bytes_after") and check.get("bytes_before") is not None:
             text += f", {check['bytes_before'] / 1e6:.0f} -> {check['bytes_after'] / 1e6:.0f} MB"
+        if check.get("vocab_after") is not None:
+            text += (f", vocabulary {check['vocab_before']} -> {check['vocab_after']} (OOV {check['oov_rate']:.1%} of "
+                     "the calibration tokens)")
         if choice := check.get("accuracy_choice"):
             steps = " vs ".join(f"{v} ms at level {k}" for k, v in choice["decode_step_ms"].items())
             text += f", accuracy_level {choice['chosen']} chosen here ({steps} per decode step)"
@@ -141,6 +144,9 @@ def optimize(
              "expose_attention pass), for --kv-policy h2o / veda.")] = False,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace an artifact already at OUTPUT (without it, an existing artifact is refused).")] = False,
+    trim_vocab: Annotated[Optional[Path], typer.Option(
+        help="Keep only the tokens this UTF-8 corpus uses (plus special and byte tokens): a smaller embedding, LM "
+             "head and tokenizer (the trim_vocab pass, before quantization).")] = None,
     sparsity: Annotated[Optional[float], typer.Option(
         min=0.0, max=0.83, help="La RoSA: rotate the residual stream (lossless) and keep the top (1 - S) of each "
                                "linear's input per token in decode (0.8 S on rotated inputs, 1.2 S on o/down).")] = None,
@@ -161,7 +167,7 @@ def optimize(
         art = run_optimize(model, recipe=recipe, output=output, ep=ep, progress=say, overrides=overrides,
                            calibration=calibration, self_draft_layers=self_draft_layers, draft_recipe=draft_recipe,
                            remove_layers=remove_layers, max_ppl_increase=max_ppl_increase,
-                           kv_scores=kv_scores, sparsity=sparsity, overwrite=overwrite)
+                           kv_scores=kv_scores, sparsity=sparsity, overwrite=overwrite, trim_vocab=trim_vocab)
     for report in art.manifest["passes"]:
         err.print(f"  {report['name']}: {report['nodes_before']} -> {report['nodes_after']} nodes, "
                   f"{check_summary(report['check'])}")
@@ -427,12 +433,20 @@ def tune(
     objective: Annotated[Optional[list[str]], typer.Option(help="decode | prefill | size; repeat for a Pareto search (NSGA-II).")] = None,
     trials: Annotated[int, typer.Option(min=1, help="Trials to run (a second run into DIR resumes the study).")] = 20,
     space: Annotated[Optional[Path], typer.Option(help="Search space JSON (default: quantization x layer removal).")] = None,
-    calibration: Annotated[Optional[Path], typer.Option(help="UTF-8 text for the PPL budget (default: onnxlm's).")] = None,
+    calibration: Annotated[Optional[Path], typer.Option(
+        help="UTF-8 text for the PPL budget and the trials' builds (calibrating passes, trim_vocab's default corpus; "
+             "default: onnxlm's).")] = None,
     runs: Annotated[int, typer.Option(min=1, help="Timing rounds per trial, round-robin with the reference.")] = 3,
+    ray: Annotated[Optional[str], typer.Option(
+        "--ray", help='Run the trials as Ray tasks: "local" (a Ray instance on loopback) or a cluster\'s address '
+                      '(auto, HOST:PORT, ray://HOST:10001); -o must be on a filesystem every node sees.')] = None,
+    concurrency: Annotated[Optional[int], typer.Option(
+        min=1, help="--ray: trials at a time (default: the cluster's nodes, at least 2); each machine times one "
+                    "trial at a time.")] = None,
     threads: Threads = None,
 ):
     """Search recipes for the fastest artifact within a PPL budget (Optuna: TPE, or NSGA-II for several
-    objectives). Writes best_recipe.json, best/, pareto.json and trials.csv into -o."""
+    objectives). Writes best_recipe.json, best/, pareto.json, pareto.png and trials.csv into -o."""
     from onnxlm.schema import read_json, read_text
     from onnxlm.tune import Space
     from onnxlm.tune import tune as run_tune
@@ -441,12 +455,14 @@ def tune(
     text = read_text(calibration) if calibration else None
     with steps() as say:
         result = run_tune(model, output, objective or ["decode"], max_ppl_increase, trials, the_space, text, runs,
-                          threads, say=say)
+                          threads, say=say, ray_address=ray, concurrency=concurrency)
     table = Table("trial", "picks", "state", "decode x", "prefill x", "PPL +%", "MB", title="trials")
     for t in result["trials"]:
         table.add_row(str(t.number), json.dumps(t.picks), t.state + (f": {t.reason}" if t.reason else ""),
                       f"{t.decode:.2f}", f"{t.prefill:.2f}", f"{t.ppl_increase:+.2f}", f"{t.size / 1e6:.1f}")
     out.print(table)
+    for note in result["notes"]:
+        err.print(note)
     if result["best"] is None:
         err.print(f"no trial met the budget of +{max_ppl_increase}% PPL; see {output / 'trials.csv'}")
         raise typer.Exit(1)

@@ -170,6 +170,8 @@ PASS_CHECK = {
     "max_abs_logit_diff": Opt(float), "tolerance": Opt(float), "ppl_before": Opt((float, type(None))),
     "ppl_after": Opt((float, type(None))), "ppl_tokens": Opt(NonNegative), "weight_rel_error": Opt((float, type(None))),
     "bytes_before": Opt(NonNegative), "bytes_after": Opt(NonNegative),
+    "vocab_before": Opt(NonNegative), "vocab_after": Opt(NonNegative), "kept_ids": Opt([NonNegative]),
+    "oov_rate": Opt(float), "token_ratio": Opt(float),
     "accuracy_choice": Opt({"chosen": int, "decode_step_ms": MapOf(float), "calibration_ppl": MapOf(float)}),
 }
 

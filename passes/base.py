@@ -42,7 +42,9 @@ class PassContext:
     """What a pass may read besides the graph: model facts, the source, a scratch dir, calibration text.
 
     `calibration_ids` are token ids of real text: calibrating passes read activations on them, and the manager
-    scores every lossy pass's PPL on them. `interface` collects the ports and features the passes declare. `quantized_tensors` returns the source's block-quantized tensors
+    scores every lossy pass's PPL on them (`calibration_text` is the text they encode). `tokenizer` is the source's
+    `tokenizers.Tokenizer`: a pass that changes the vocabulary (trim_vocab) replaces it, the ids, and `info`.
+    `interface` collects the ports and features the passes declare. `quantized_tensors` returns the source's block-quantized tensors
     (GGUF only, read by the frontend on demand), else None. A pass records its own measurements (weight error,
     sizes) in `metrics`; the manager moves them into the pass's report.
     """
@@ -51,6 +53,8 @@ class PassContext:
     source: dict
     scratch: Path
     calibration_ids: list[int] = dataclasses.field(default_factory=list)
+    calibration_text: str = ""
+    tokenizer: Any = None
     quantized_tensors: Callable[[], dict] | None = None
     metrics: dict = dataclasses.field(default_factory=dict)
     interface: Interface = dataclasses.field(default_factory=Interface)  # what the passes so far added

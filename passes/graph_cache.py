@@ -1,7 +1,8 @@
 """The graph after a recipe prefix, kept on disk so that builds sharing that prefix skip the export and its passes.
 
 An entry is keyed by the source's hash, the onnxlm version and the prefix's pass specs; it holds the graph (with
-external data), the prefix's pass reports, the model facts and the interface after it. `onnxlm tune` uses it:
+external data), the prefix's pass reports, and the model facts, interface and tokenizer after it. `onnxlm tune`
+uses it:
 every trial shares at least the export and the first cleanup, which take most of a SmolLM2 build. A build that
 resumes from an entry runs the rest of its recipe exactly as an uninterrupted build would (the manager checks the
 first remaining pass against the loaded graph) and with onnx-ir's name counters restored, so its artifact is
@@ -12,9 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 GRAPH = "graph.onnx"
+TOKENIZER = "tokenizer.json"
 
 
 def names_of(graph) -> dict:
@@ -44,8 +48,11 @@ class GraphCache:
         return self.directory / key[:24]
 
     def lookup(self, source_sha: str, passes: list):
-        """(k, graph, reports, info dict, interface dict) for the longest cached prefix of `passes`, or None."""
+        """(k, graph, reports, info dict, interface dict, tokenizer or None) for the longest cached prefix of
+        `passes`, or None. The tokenizer is the one after the prefix (trim_vocab changes it)."""
         import onnx_ir as ir
+
+        from onnxlm.schema import read_tokenizer
 
         for k in range(len(passes), 0, -1):
             entry = self._entry(source_sha, passes[:k])
@@ -53,17 +60,31 @@ class GraphCache:
                 state = json.loads((entry / "state.json").read_text())
                 model = ir.load(entry / GRAPH)
                 restore_names(model.graph, state["names"])
-                return k, model, state["reports"], state["info"], state["interface"]
+                tokenizer = read_tokenizer(entry / TOKENIZER) if (entry / TOKENIZER).is_file() else None
+                return k, model, state["reports"], state["info"], state["interface"], tokenizer
         return None
 
-    def save(self, source_sha: str, passes: list, model, reports: list, info: dict, interface: dict) -> None:
-        """Keep the graph after `passes` (a prefix) when its length is one of the snapshots."""
+    def save(self, source_sha: str, passes: list, model, reports: list, info: dict, interface: dict,
+             tokenizer=None) -> None:
+        """Keep the graph after `passes` (a prefix) when its length is one of the snapshots, with the tokenizer
+        after them (a pass may have changed it: trim_vocab)."""
         import onnx_ir as ir
 
         entry = self._entry(source_sha, passes)
         if len(passes) not in self.snapshots or (entry / "state.json").is_file():
             return
-        entry.mkdir(parents=True, exist_ok=True)
-        ir.save(model, entry / GRAPH, external_data=GRAPH + ".data")
+        # written aside and renamed into place: builds in other processes (tune --ray) may save or read it too
+        staging = entry.with_name(f".{entry.name}.{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        ir.save(model, staging / GRAPH, external_data=GRAPH + ".data")
+        if tokenizer is not None:
+            tokenizer.save(str(staging / TOKENIZER))
         state = {"reports": reports, "info": info, "interface": interface, "names": names_of(model.graph)}
-        (entry / "state.json").write_text(json.dumps(state))  # last: an entry without it is incomplete
+        (staging / "state.json").write_text(json.dumps(state))
+        if entry.exists() and not (entry / "state.json").is_file():  # left incomplete by a killed build
+            shutil.rmtree(entry, ignore_errors=True)
+        try:
+            staging.rename(entry)
+        except OSError:  # another build saved the same entry first
+            shutil.rmtree(staging, ignore_errors=True)

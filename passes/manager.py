@@ -61,9 +61,10 @@ def run_pipeline(
     runs once the first i passes are done and checked (the graph cache snapshots there).
 
     When the recipe has a lossy pass, every graph is also scored on the calibration text, so that each lossy
-    pass reports its cost as the PPL before and after it."""
-    text_ids = ctx.calibration_ids if any(not p.lossless for p in recipe.passes) else None
-    reference, ppl = check_graph(model, ctx, text_ids)
+    pass reports its cost as the PPL before and after it. A pass may re-encode the calibration text (trim_vocab):
+    each graph is scored on the ids as they are after it."""
+    scored = any(not p.lossless for p in recipe.passes)
+    reference, ppl = check_graph(model, ctx, ctx.calibration_ids if scored else None)
     reports = []
     for p in recipe.passes:
         if on_pass:
@@ -75,10 +76,10 @@ def run_pipeline(
         seconds = time.perf_counter() - start
         if modified:
             ctx.interface.add(p.ports(ctx.info), p.features())
-        logits, ppl_after = check_graph(model, ctx, text_ids)
+        logits, ppl_after = check_graph(model, ctx, ctx.calibration_ids if scored else None)
         check = {}
         if not p.lossless:
-            check = {"ppl_before": ppl, "ppl_after": ppl_after, "ppl_tokens": len(text_ids or ()),
+            check = {"ppl_before": ppl, "ppl_after": ppl_after, "ppl_tokens": len(ctx.calibration_ids),
                      **ctx.metrics}
         if p.lossless:
             diff = float(np.abs(logits - reference).max())

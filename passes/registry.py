@@ -24,6 +24,7 @@ from onnxlm.passes.quant.gguf_exact import GgufExact
 from onnxlm.passes.quant.nested import QuantNested
 from onnxlm.passes.quant.tied_embedding import ShareTiedEmbedding
 from onnxlm.passes.quant.weight_only import QuantWeightOnly
+from onnxlm.passes.trim_vocab import TrimVocab
 
 PASSES: dict[str, type[Pass]] = {
     cls.name: cls
@@ -47,6 +48,7 @@ PASSES: dict[str, type[Pass]] = {
         QuantDynamicInt8,
         QuantNested,
         ShareTiedEmbedding,
+        TrimVocab,
     ]
 }
 

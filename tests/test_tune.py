@@ -33,6 +33,12 @@ def test_a_small_search_writes_its_results_and_the_best_recipe_rebuilds_its_arti
     assert len(rows) == 5 and rows[0].startswith("number,picks,state")
     front = json.loads((out / "pareto.json").read_text())
     assert front["trials"] and front["objectives"] == ["decode"]
+    try:
+        import matplotlib  # noqa: F401
+
+        assert (out / "pareto.png").read_bytes().startswith(b"\x89PNG")
+    except ImportError:  # the PNG needs the onnxlm[tune] extra: one line says so
+        assert not (out / "pareto.png").exists() and "pareto.png not written: matplotlib" in err
     rebuilt = onnxlm.optimize(str(tiny_hf_dir), recipe=str(out / "best_recipe.json"), output=tmp_path / "again")
     for name in ("model.onnx", "model.onnx.data"):
         assert (out / "best" / name).read_bytes() == (rebuilt.directory / name).read_bytes()
@@ -88,3 +94,54 @@ def test_a_build_resumed_after_the_first_pass_is_byte_identical(tiny_hf_dir, tmp
     assert "resuming after 1 pass(es) from the graph cache" in said
     for name in ("model.onnx", "model.onnx.data"):
         assert (plain.directory / name).read_bytes() == (resumed.directory / name).read_bytes()
+
+
+def test_a_trimmed_vocabulary_is_a_search_dimension_scored_on_the_same_text(tiny_hf_dir, tmp_path, capsys):
+    """trim_vocab (default corpus: the calibration text) goes right after the first cleanup, before quantizing; on
+    its own corpus it keeps every token, so its PPL (over the kept tokens) can only fall."""
+    space = {**SPACE, "dimensions": [{"name": "vocab", "choices": {"trimmed": [{"pass": "trim_vocab"}]}},
+                                     {"name": "quant", "choices": {"int8": SPACE["dimensions"][0]["choices"]["int8"]}}]}
+    recipe = [p.name for p in Space.from_dict(space).recipe({"vocab": "trimmed", "quant": "int8"}).passes]
+    assert recipe[:3] == ["cleanup", "trim_vocab", "fuse_rms_norm"] and recipe.index("quant_weight_only") > 2
+    path = tmp_path / "space.json"
+    path.write_text(json.dumps({**space, "dimensions": space["dimensions"][:1]}))
+    out = tmp_path / "tune"
+    code, _, err = run_cli(capsys, "tune", tiny_hf_dir, "-o", out, "--space", path, "--trials", "1",
+                           "--max-ppl-increase", "0", "--runs", "1", "--objective", "size")
+    assert code == 0, err
+    trial = json.loads((out / "pareto.json").read_text())["trials"][0]
+    assert trial["ppl_increase"] <= 1e-6
+    manifest = json.loads((out / "best" / "manifest.json").read_text())
+    assert manifest["model"]["vocab_size"] < 320
+
+
+def test_trials_fan_out_as_ray_tasks_on_a_local_instance(tiny_hf_dir, tmp_path, monkeypatch):
+    """--ray local: a Ray instance on loopback (no dashboard), 2 tasks at a time, 4 trials; it stops with the
+    search. Each trial is scored in a Ray worker process, not in the driver."""
+    pytest.importorskip("ray")
+    import os
+
+    import ray
+
+    from onnxlm.tune import tune
+
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    out = tmp_path / "tune"
+    result = tune(str(tiny_hf_dir), out, ["decode"], 1000.0, 4, Space.from_dict(SPACE), runs=1,
+                  ray_address="local", concurrency=2)
+    assert not ray.is_initialized()
+    trials = result["trials"]
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3] and all(t.state == "ok" for t in trials)
+    workers = {t.worker for t in trials}
+    assert len(workers) == 2 and not any(w.endswith(f":{os.getpid()}") for w in workers)
+    assert len((out / "trials.csv").read_text().splitlines()) == 5 and result["best"] is not None
+
+
+def test_a_ray_address_that_cannot_be_reached_is_one_line_and_writes_nothing(tiny_hf_dir, tmp_path, capsys):
+    pytest.importorskip("ray")
+    out = tmp_path / "tune"
+    code, _, err = run_cli(capsys, "tune", tiny_hf_dir, "-o", out, "--ray", "127.0.0.1:1", "--trials", "1")
+    assert code == 2 and err.startswith("error: the Ray cluster at 127.0.0.1:1 cannot be reached")
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+    code, _, err = run_cli(capsys, "tune", tiny_hf_dir, "-o", out, "--concurrency", "2", "--trials", "1")
+    assert code == 2 and "--concurrency needs --ray" in err and not out.exists()
