@@ -32,6 +32,7 @@ def optimize(
     sparsity: float | None = None,
     overwrite: bool = False,
     graph_cache=None,
+    cross: bool = False,
 ) -> Artifact:
     """Load `model`, export it, run the recipe's passes and `ep`'s lowering passes (backends/), and write the
     artifact to `output`, with `ep` as its target.
@@ -50,7 +51,11 @@ def optimize(
 
     The whole artifact, draft included, is staged and moved into place in one rename (staging.py): a failed run
     writes nothing and leaves an existing artifact as it was. An existing artifact at `output` is replaced only
-    with `overwrite=True`."""
+    with `overwrite=True`.
+
+    An `ep` this machine cannot run (backends/: the package, the driver) is an error before anything is read or
+    written, unless `cross`: then the artifact is built for it here, and the pass manager's checks run on the
+    CPU (the manifest's target records where)."""
     from onnxlm.artifact import DRAFT_DIR
     from onnxlm.backends import get_backend, probe_backend
     from onnxlm.frontend import load_source
@@ -62,6 +67,9 @@ def optimize(
     say = progress or (lambda _msg: None)
     output = Path(output)
     # Everything that can be checked cheaply is checked before the slow work starts.
+    backend = get_backend(ep)
+    if not cross:
+        backend.require("build on a machine that has it, or here with --cross (checks on the CPU)")
     check_output(output, overwrite)
     the_recipe = with_layer_removal(apply_overrides(load_recipe(recipe), overrides or {}), remove_layers,
                                     max_ppl_increase)
@@ -72,7 +80,6 @@ def optimize(
     if self_draft_layers is not None:
         base = load_recipe(draft_recipe) if draft_recipe else apply_overrides(load_recipe(recipe), overrides or {})
         builds.append((with_layer_removal(base, self_draft_layers, None), Path(DRAFT_DIR)))
-    backend = get_backend(ep)
     builds = [(with_lowering(r, backend), where) for r, where in builds]
     calibration_text = read_text(Path(calibration) if calibration else CALIBRATION_TEXT)
     if not calibration_text.strip():

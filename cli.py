@@ -111,7 +111,10 @@ def optimize(
     output: Annotated[Path, typer.Option("--output", "-o", help="Artifact directory to write.")] = ...,
     recipe: Annotated[str, typer.Option(help="Built-in recipe name (see `onnxlm recipes`) or a recipe .json file.")] = "fp32",
     ep: Annotated[str, typer.Option(help="Execution provider to build for: its lowering passes join the recipe, "
-                                         "and the manifest records it as the artifact's target (available: cpu).")] = "cpu",
+                                         "and the manifest records it as the artifact's target (cpu | cuda).")] = "cpu",
+    cross: Annotated[bool, typer.Option(
+        "--cross", help="Build for an --ep this machine cannot run (e.g. cuda on a CPU-only machine): the pass "
+                        "manager's checks run on the CPU.")] = False,
     budget_bits: Annotated[Optional[float], typer.Option(
         min=2.0, max=8.0, help="Average code bits per decoder weight for the `nested` recipe's per-layer choice.")] = None,
     block_size: Annotated[Optional[int], typer.Option(
@@ -161,7 +164,7 @@ def optimize(
         art = run_optimize(model, recipe=recipe, output=output, ep=ep, progress=say, overrides=overrides,
                            calibration=calibration, self_draft_layers=self_draft_layers, draft_recipe=draft_recipe,
                            remove_layers=remove_layers, max_ppl_increase=max_ppl_increase,
-                           kv_scores=kv_scores, sparsity=sparsity, overwrite=overwrite)
+                           kv_scores=kv_scores, sparsity=sparsity, overwrite=overwrite, cross=cross)
     for report in art.manifest["passes"]:
         err.print(f"  {report['name']}: {report['nodes_before']} -> {report['nodes_after']} nodes, "
                   f"{check_summary(report['check'])}")

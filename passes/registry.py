@@ -10,6 +10,7 @@ from onnxlm.passes.larosa.sparsify import TopkSparsify
 from onnxlm.passes.layers.exits import EarlyExit
 from onnxlm.passes.layers.halting import QuickSilverHalting
 from onnxlm.passes.layers.remove_layers import RemoveLayers
+from onnxlm.passes.lowering.decode_shapes import DecodeShapes
 from onnxlm.passes.lowering.expose_attention import ExposeAttention
 from onnxlm.passes.lowering.logits_to_keep import LogitsToKeep
 from onnxlm.passes.lowering.ort_fusions import (
@@ -37,6 +38,7 @@ PASSES: dict[str, type[Pass]] = {
         PackGateUp,
         ExposeAttention,
         LogitsToKeep,
+        DecodeShapes,
         RemoveLayers,
         QuickSilverHalting,
         EarlyExit,

@@ -77,7 +77,7 @@ class DecoderSession:
         self.info = ModelInfo.from_dict(self.manifest["model"])
         self.backend = get_backend(ep or self.manifest["target"]["ep"])  # default: the artifact's target
         self.threads = threads  # None: ORT picks the count (physical cores) and pins the threads
-        self.session = self.backend.session(self.directory / MODEL_FILE, threads, profile, spinning)
+        self.session = self.backend.session(self.directory / MODEL_FILE, threads, profile, spinning, decoder=True)
         self.input_names = {i.name for i in self.session.get_inputs()}
         graph_layers = sum(1 for name in self.input_names if name.startswith("past_key_values."))
         if graph_layers != 2 * self.info.num_layers:

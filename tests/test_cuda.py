@@ -1,0 +1,86 @@
+"""The CUDA execution provider, checked on a CPU-only machine: nothing here runs on a GPU.
+
+What a CPU can check: which piece is missing when `--ep cuda` cannot run, the CUDA session and run options,
+the cuda lowering and the fp16 / int4-cuda recipes (their numerics through ORT's CPU kernels), the runtime's
+device binding path (the device being the CPU), and the genai_config of a cuda artifact."""
+
+from __future__ import annotations
+
+import pytest
+
+import onnxlm
+from cli_helpers import run_cli
+from onnxlm.backends import BACKENDS, get_backend, probe_backend
+from onnxlm.backends import cuda as cuda_module
+from onnxlm.errors import OnnxlmError
+
+CUDA = get_backend("cuda")
+pytestmark = pytest.mark.skipif(CUDA.available(), reason="these tests check a machine without CUDA")
+
+
+@pytest.fixture(scope="module")
+def cuda_fp32(tiny_hf_dir, tmp_path_factory):
+    """The tiny model's fp32 recipe built for cuda on this CPU (--cross): the cuda lowering, checked on the CPU."""
+    return onnxlm.optimize(str(tiny_hf_dir), recipe="fp32", output=tmp_path_factory.mktemp("cuda") / "fp32",
+                           ep="cuda", cross=True)
+
+
+def test_optimize_ep_cuda_without_cuda_is_one_line_exit_2_and_writes_nothing_on_cpu(capsys, tiny_hf_dir, tmp_path):
+    out = tmp_path / "a"
+    code, stdout, stderr = run_cli(capsys, "optimize", tiny_hf_dir, "-o", out, "--ep", "cuda")
+    assert code == 2 and stdout == "" and len(stderr.strip().splitlines()) == 1
+    assert "onnxruntime-gpu" in stderr and "--cross" in stderr
+    assert list(tmp_path.iterdir()) == []  # no artifact, no staging directory
+
+
+def test_running_a_cuda_artifact_without_cuda_names_the_package_and_the_fallback(capsys, cuda_fp32):
+    code, stdout, stderr = run_cli(capsys, "generate", cuda_fp32.directory, "--prompt", "fox",
+                                   "--max-new-tokens", "2")
+    assert code == 2 and len(stderr.strip().splitlines()) == 1
+    assert "CPU build, without CUDAExecutionProvider" in stderr and "--ep cpu" in stderr
+    code, stdout, _ = run_cli(capsys, "generate", cuda_fp32.directory, "--prompt", "fox", "--max-new-tokens", "2",
+                              "--ep", "cpu", "--greedy")
+    assert code == 0 and stdout
+
+
+def test_with_onnxruntime_gpu_but_no_driver_the_error_names_the_driver(monkeypatch):
+    import ctypes
+
+    import onnxruntime
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        pytest.skip("this machine has an NVIDIA driver")
+    except OSError:
+        pass
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    cuda_module.cuda_libraries_problem.cache_clear()
+    try:
+        with pytest.raises(OnnxlmError, match=r"no NVIDIA driver on this machine \(libcuda.so.1"):
+            CUDA.require()
+    finally:
+        cuda_module.cuda_libraries_problem.cache_clear()
+
+
+def test_cuda_session_options_capture_only_the_decoder_session():
+    assert BACKENDS["cuda"] is CUDA and CUDA.device == "cuda" and probe_backend(CUDA).name == "cpu"
+    decoder, cpu = CUDA.session_provider_options(decoder=True)
+    assert decoder == {"device_id": "0", "arena_extend_strategy": "kSameAsRequested", "enable_cuda_graph": "1"}
+    assert cpu == {}
+    assert CUDA.session_provider_options(decoder=False)[0]["enable_cuda_graph"] == "0"
+    assert CUDA.run_options(1).get_run_config_entry("gpu_graph_id") == "1"
+    assert CUDA.run_options(None).get_run_config_entry("gpu_graph_id") == "-1"  # prefill: uncaptured
+    options = CUDA.session_options()
+    assert options.intra_op_num_threads == 1 and options.get_session_config_entry(
+        "session.intra_op.allow_spinning") == "0"
+
+
+def test_the_cuda_lowering_is_lossless_on_the_cpu_and_recorded(cuda_fp32):
+    manifest = cuda_fp32.manifest
+    assert manifest["target"] == {"ep": "cuda", "providers": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+                                  "device": "cuda", "probe_providers": ["CPUExecutionProvider"]}
+    last = manifest["passes"][-1]
+    assert last["name"] == "decode_shapes" and last["matched"] == {"total_sequence_length": 2, "rotary_caches": 1}
+    assert last["check"]["max_abs_logit_diff"] <= last["check"]["tolerance"]
+    assert "decode_shapes" in manifest["interface"]["features"]
