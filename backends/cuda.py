@@ -31,6 +31,16 @@ from onnxlm.errors import first_line
 GPU_INSTALL = "pip uninstall -y onnxruntime && pip install onnxruntime-gpu"
 
 
+def installed(distribution: str) -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.version(distribution)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
 @functools.lru_cache(maxsize=1)
 def cuda_libraries_problem() -> str | None:
     """Why onnxruntime-gpu's CUDA provider cannot load here (driver, then libraries), or None. Loading the
@@ -68,10 +78,13 @@ class CudaBackend(Backend):
     def missing(self) -> str | None:
         import onnxruntime as ort
 
-        if super().missing() is not None:
-            return (f"this onnxruntime {ort.__version__} is the CPU build, without CUDAExecutionProvider: install "
-                    f"the package onnxruntime-gpu in its place ({GPU_INSTALL})")
-        return cuda_libraries_problem()
+        if super().missing() is None:
+            return cuda_libraries_problem()
+        if installed("onnxruntime") and installed("onnxruntime-gpu"):
+            return ("onnxruntime and onnxruntime-gpu are both installed and the CPU build's files won: reinstall "
+                    "one of them (pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu)")
+        return (f"this onnxruntime {ort.__version__} is the CPU build, without CUDAExecutionProvider: install "
+                f"the package onnxruntime-gpu in its place ({GPU_INSTALL})")
 
     def session_provider_options(self, decoder: bool) -> list[dict]:
         cuda, *rest = self.provider_options

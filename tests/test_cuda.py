@@ -84,3 +84,9 @@ def test_the_cuda_lowering_is_lossless_on_the_cpu_and_recorded(cuda_fp32):
     assert last["name"] == "decode_shapes" and last["matched"] == {"total_sequence_length": 2, "rotary_caches": 1}
     assert last["check"]["max_abs_logit_diff"] <= last["check"]["tolerance"]
     assert "decode_shapes" in manifest["interface"]["features"]
+
+
+def test_both_onnxruntime_packages_installed_is_named(monkeypatch):
+    monkeypatch.setattr(cuda_module, "installed", lambda name: True)
+    with pytest.raises(OnnxlmError, match="onnxruntime and onnxruntime-gpu are both installed"):
+        CUDA.require()
