@@ -11,7 +11,17 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
+
 from onnxlm.errors import OnnxlmError, first_line
+
+FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def kv_dtype(session) -> type:
+    """The float type of a decoder session's KV cache (float16 after convert_float16, else float32)."""
+    types = {i.type for i in session.get_inputs() if i.name.startswith("past_key_values.")}
+    return FLOAT_TYPES.get(types.pop() if len(types) == 1 else "tensor(float)", np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +31,9 @@ class Backend:
     device: str = "cpu"  # where OrtValues bound for a step live: "cpu", "cuda", ...
     provider_options: tuple[dict, ...] = ()  # one dict per provider, or empty for ORT's defaults
     lowering: tuple[dict, ...] = ()  # recipe entries ({"pass": NAME, ...}) appended for this EP
+    # decode steps bind inputs and logits as OrtValues on `device`, allocated once per cache (fixed addresses, the
+    # logits stay there): runtime/device_step.py
+    device_binding: bool = False
 
     def missing(self) -> str | None:
         """Why this machine cannot run the EP, in one line that names the missing piece; None when it can."""

@@ -73,6 +73,7 @@ class CudaBackend(Backend):
     device: str = "cuda"
     provider_options: tuple[dict, ...] = ({"device_id": "0", "arena_extend_strategy": "kSameAsRequested"}, {})
     lowering: tuple[dict, ...] = ({"pass": "decode_shapes"},)
+    device_binding: bool = True
     cuda_graph: bool = True  # capture the decoder session's decode steps (enable_cuda_graph, gpu_graph_id)
 
     def missing(self) -> str | None:

@@ -21,6 +21,7 @@ from onnxlm.passes.lowering.ort_fusions import (
 )
 from onnxlm.passes.lowering.pack_matmuls import PackGateUp, PackQKV
 from onnxlm.passes.quant.dynamic_int8 import QuantDynamicInt8
+from onnxlm.passes.quant.float16 import ConvertFloat16
 from onnxlm.passes.quant.gguf_exact import GgufExact
 from onnxlm.passes.quant.nested import QuantNested
 from onnxlm.passes.quant.tied_embedding import ShareTiedEmbedding
@@ -49,6 +50,7 @@ PASSES: dict[str, type[Pass]] = {
         QuantDynamicInt8,
         QuantNested,
         ShareTiedEmbedding,
+        ConvertFloat16,
     ]
 }
 

@@ -45,15 +45,16 @@ class KVCache:
 
     @classmethod
     def empty(cls, names: list[str], batch: int, kv_heads: int, head_dim: int, capacity: int | None = None,
-              device: str = "cpu") -> KVCache:
+              device: str = "cpu", dtype=np.float32) -> KVCache:
+        """`dtype`: the graph's KV type (float16 after convert_float16)."""
         shape = (batch, kv_heads, capacity or 0, head_dim)  # (batch, kv_heads, capacity, head_dim)
         if device == "cpu":
-            arrays = [np.zeros(shape, np.float32) for _ in names]
+            arrays = [np.zeros(shape, dtype) for _ in names]
             return cls(values=[_wrap(a) for a in arrays], length=0, capacity=capacity,
                        arrays=arrays if capacity else None)
         import onnxruntime as ort
 
-        values = [ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, device, 0) for _ in names]
+        values = [ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0) for _ in names]
         return cls(values=values, length=0, capacity=capacity, device=device)
 
     @property
@@ -104,4 +105,7 @@ class KVCache:
         return KVCache(values=[_wrap(a) for a in arrays], length=0, capacity=self.capacity, arrays=arrays)
 
     def nbytes(self) -> int:
-        return sum(int(np.prod(v.shape())) * 4 for v in self.values)
+        if not self.values:
+            return 0
+        itemsize = 2 if "float16" in self.values[0].data_type() else 4  # data_type(): "tensor(float16)"
+        return sum(int(np.prod(v.shape())) * itemsize for v in self.values)

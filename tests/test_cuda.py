@@ -6,12 +6,15 @@ device binding path (the device being the CPU), and the genai_config of a cuda a
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 import onnxlm
 from cli_helpers import run_cli
 from onnxlm.backends import BACKENDS, get_backend, probe_backend
 from onnxlm.backends import cuda as cuda_module
+from onnxlm.backends.cpu import CpuBackend
 from onnxlm.errors import OnnxlmError
 
 CUDA = get_backend("cuda")
@@ -90,3 +93,76 @@ def test_both_onnxruntime_packages_installed_is_named(monkeypatch):
     monkeypatch.setattr(cuda_module, "installed", lambda name: True)
     with pytest.raises(OnnxlmError, match="onnxruntime and onnxruntime-gpu are both installed"):
         CUDA.require()
+
+
+# -- the runtime's device path, with the CPU as the device ---------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class CpuAsDevice(CpuBackend):
+    """The CPU EP driven the way the CUDA backend drives a GPU: decode inputs and logits bound as OrtValues
+    allocated once per cache, greedy's argmax in an ORT session, captured steps (run options) when the graph allows.
+    It runs on the CPU; it proves the binding path, not anything about a GPU."""
+
+    name: str = "cpu-as-device"
+    device_binding: bool = True
+    cuda_graph: bool = True
+    runs: list = dataclasses.field(default_factory=list, compare=False, hash=False)
+
+    def run_options(self, graph_id=None):
+        self.runs.append(graph_id)  # what a CUDA session would get as gpu_graph_id (None: uncaptured, -1)
+        return None
+
+
+@pytest.fixture
+def cpu_as_device(monkeypatch):
+    backend = CpuAsDevice()
+    monkeypatch.setitem(BACKENDS, backend.name, backend)
+    return backend
+
+
+def greedy_tokens(directory, ep, prompt=(5, 9, 17, 3), n=12):
+    from onnxlm.runtime.decoding import Decoding
+
+    art = onnxlm.load(directory, ep=ep)
+    return art, list(art.generate_ids(list(prompt), n, ignore_eos=True, decoding=Decoding()))
+
+
+def test_device_path_on_cpu_greedy_equals_the_host_path_and_decode_is_captured_per_batch(cpu_as_device, cuda_fp32):
+    _, host = greedy_tokens(cuda_fp32.directory, "cpu")
+    art, device = greedy_tokens(cuda_fp32.directory, cpu_as_device.name)
+    assert device == host
+    session = art.session
+    assert session.captures and session._argmax is not None  # greedy chose on the "device"
+    # the prefill ran uncaptured (None -> gpu_graph_id -1), every decode step as batch 1's graph
+    assert cpu_as_device.runs[0] is None and set(cpu_as_device.runs[1:]) == {1}
+    assert len(cpu_as_device.runs) == 1 + 11
+
+
+def test_device_path_on_cpu_binds_fixed_ortvalues_and_a_full_width_mask(cpu_as_device, cuda_fp32):
+    import numpy as np
+
+    session = onnxlm.load(cuda_fp32.directory, ep=cpu_as_device.name).session
+    reference = onnxlm.load(cuda_fp32.directory, ep="cpu").session
+    caches = [s.new_cache(capacity=16) for s in (session, reference)]
+    for s, cache in zip((session, reference), caches):
+        s.step(np.asarray([[5, 9, 17]], np.int64), cache, last_only=True)
+    first = session._feeds(caches[0], 1)
+    addresses = (first.ids.data_ptr(), first.mask.data_ptr(), first.logits.data_ptr())
+    for token in (4, 8, 15):
+        ids = np.asarray([[token]], np.int64)
+        got, want = session.step(ids, caches[0]), reference.step(ids, caches[1])
+        np.testing.assert_allclose(got, want, atol=1e-5)  # total_sequence_length = the buffer's width: the same
+        feeds = session._feeds(caches[0], 1)
+        assert (feeds.ids.data_ptr(), feeds.mask.data_ptr(), feeds.logits.data_ptr()) == addresses
+        assert feeds.mask.shape() == [1, 16]
+
+
+def test_sampling_on_the_device_path_reads_the_logits_row_on_the_host(cpu_as_device, cuda_fp32):
+    from onnxlm.runtime.decoding import Decoding
+    from onnxlm.runtime.sampling import SamplingConfig
+
+    decoding = Decoding(mode="sample", sampling=SamplingConfig(temperature=0.8, top_k=20, seed=3))
+    runs = [list(onnxlm.load(cuda_fp32.directory, ep=ep).generate_ids([5, 9, 17], 8, ignore_eos=True,
+                                                                     decoding=decoding))
+            for ep in ("cpu", cpu_as_device.name)]
+    assert runs[0] == runs[1]

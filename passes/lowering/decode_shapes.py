@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from onnxlm.interface import DECODE_SHAPES
 from onnxlm.passes.base import FOLDED, FUSED, Pass, PassContext
 from onnxlm.passes.constants import add_initializer
 from onnxlm.passes.quant.linears import drop_unused
 
-FEATURE = "decode_shapes"
 TOTAL, COS, SIN = 6, 7, 8  # GroupQueryAttention's inputs
 
 
@@ -68,7 +68,7 @@ class DecodeShapes(Pass):
     requires = (FOLDED, FUSED)
 
     def features(self):
-        return [FEATURE]
+        return [DECODE_SHAPES]
 
     def run(self, model, ctx: PassContext):
         import onnx_ir as ir

@@ -1,0 +1,99 @@
+"""`convert_float16`: the graph in float16, for GPU execution providers (the `fp16` and `int4-cuda` recipes).
+
+The conversion is ONNX Runtime's own (`onnxruntime.transformers.float16.convert_float_to_float16`, what ORT's
+transformer optimizer and genai's builder use): float initializers, activations, graph inputs and outputs become
+float16, a Cast is inserted where a kept-float32 node meets a float16 one, and initializers are clamped to the
+float16 range. What this pass adds is the choice of what stays float32, from what ORT's kernels expect:
+- GroupQueryAttention: q/k/v, the KV cache and the cos/sin caches all float16 (its CUDA kernel requires cos/sin of
+  q's type); the subgraph that computes the rotary angles (positions x inverse frequencies, Cos, Sin) stays
+  float32 and is cast after Cos/Sin: positions above 2048 are not even integers in float16, and the angles of a
+  long context would be wrong. (After the cuda lowering those caches are constants, computed in float32.)
+- SkipSimplifiedLayerNormalization / SimplifiedLayerNormalization: float16 in and out, gamma float16; ORT
+  accumulates in float32 (stash_type 1).
+- MatMulNBits: float16 activations and scales (its CUDA kernel's T1; 4 and 8 bits, with or without zero points).
+- The KV cache is float16 (half the bytes of a decode step's cache reads) and so are the logits (what the LM head
+  computes; the runtime widens only the rows it reads to float32).
+- ORT's default list of ops without float16 kernels (Range, TopK, CumSum, Min, Max, ...) stays float32.
+
+Input: a decoder graph (lowered, quantized or not). Guarantees: every float tensor the model computes with is
+float16 except the blocked ones above; inputs and outputs keep their names. Lossy: the manager reports PPL and
+the probe's logit drift against the graph before. Where the probe runs on ORT's CPU EP, MatMul (and other ops
+without a CPU float16 kernel) is computed in float32 between casts, which ORT inserts; the pass records which ops
+those were (`probe_float32_ops`), so the report says what its numbers measured.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from onnxlm.passes.base import FOLDED, Pass, PassContext
+from onnxlm.passes.quant.linears import initializer_bytes
+from onnxlm.passes.quant.weight_only import replace_graph
+
+ROTARY_CACHES = (7, 8)  # GroupQueryAttention's cos_cache, sin_cache
+
+
+def rotary_angle_nodes(graph) -> list:
+    """The nodes computing GroupQueryAttention's cos/sin caches from the positions (none when they are
+    constants)."""
+    found, stack = {}, [n.inputs[i].producer() for n in graph if n.op_type == "GroupQueryAttention"
+                        for i in ROTARY_CACHES if len(n.inputs) > i and n.inputs[i] is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in found:
+            continue
+        found[id(node)] = node
+        stack.extend(v.producer() for v in node.inputs if v is not None)
+    return list(found.values())
+
+
+def cpu_float32_ops(path, scratch) -> dict[str, int]:
+    """Op types that ORT's CPU EP runs in float32 in the float16 graph at `path`: those its InsertCastTransformer
+    wrapped in casts (read from the optimized graph ORT writes)."""
+    import onnx
+    import onnxruntime as ort
+
+    optimized = scratch / "float16.cpu-optimized.onnx"
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.optimized_model_filepath = str(optimized)
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                     "float16.cpu-optimized.onnx.data")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    graph = onnx.load(str(optimized), load_external_data=False).graph
+    widened = {o for n in graph.node if n.name.startswith("InsertedPrecisionFreeCast_")  # float16 -> float32
+               and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in n.attribute) for o in n.output}
+    counts = Counter(n.op_type for n in graph.node if n.op_type != "Cast" and widened & set(n.input))
+    for leftover in scratch.glob("float16.cpu-optimized.onnx*"):
+        leftover.unlink()
+    return dict(sorted(counts.items()))
+
+
+class ConvertFloat16(Pass):
+    """Float16 weights, activations, KV cache and logits (ORT's converter), rotary angles kept float32."""
+
+    name = "convert_float16"
+    requires = (FOLDED,)
+    lossless = False
+
+    def run(self, model, ctx: PassContext):
+        import onnx_ir as ir
+        from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+        ir.external_data.load_to_model(model)  # ORT's converter reads a proto with every tensor inline
+        size_before = initializer_bytes(model.graph)
+        blocked = rotary_angle_nodes(model.graph)
+        proto = convert_float_to_float16(ir.to_proto(model), keep_io_types=False, disable_shape_infer=True,
+                                         op_block_list=DEFAULT_OP_BLOCK_LIST,
+                                         node_block_list=[n.name for n in blocked])
+        replace_graph(model, ir.from_proto(proto))
+        halves = sum(1 for v in model.graph.initializers.values()
+                     if v.const_value is not None and v.const_value.dtype == ir.DataType.FLOAT16)
+        ctx.metrics.update({"bytes_before": size_before, "bytes_after": initializer_bytes(model.graph),
+                            "kept_float32": dict(Counter(n.op_type for n in blocked))})
+        if ctx.probe is None or ctx.probe.device == "cpu":
+            path = ctx.scratch / "float16.onnx"
+            ir.save(model, path, external_data="float16.onnx.data")
+            ctx.metrics["probe_float32_ops"] = cpu_float32_ops(path, ctx.scratch)
+        notes = [f"rotary angles kept in float32 ({len(blocked)} nodes)"] if blocked else []
+        return halves > 0, {"float16_initializers": halves}, notes
