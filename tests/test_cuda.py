@@ -166,3 +166,81 @@ def test_sampling_on_the_device_path_reads_the_logits_row_on_the_host(cpu_as_dev
                                                                      decoding=decoding))
             for ep in ("cpu", cpu_as_device.name)]
     assert runs[0] == runs[1]
+
+
+# -- the cuda recipes, their numerics checked through ORT's CPU kernels ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def cuda_fp16(tiny_hf_dir, tmp_path_factory):
+    return onnxlm.optimize(str(tiny_hf_dir), recipe="fp16", output=tmp_path_factory.mktemp("cuda") / "fp16",
+                           ep="cuda", cross=True)
+
+
+def report(art, name):
+    return next(p for p in art.manifest["passes"] if p["name"] == name)
+
+
+def test_fp16_reports_its_cost_and_what_the_cpu_ran_in_float32(cuda_fp16):
+    check = report(cuda_fp16, "convert_float16")["check"]
+    assert abs(check["ppl_after"] / check["ppl_before"] - 1) < 0.01  # measured on ORT's CPU EP
+    assert 0 < check["max_abs_logit_diff"] < 5e-3
+    assert check["bytes_after"] < 0.55 * check["bytes_before"]
+    assert {"Cos", "Sin", "Range"} <= set(check["kept_float32"])  # the rotary angles
+    # ORT's CPU EP runs MatMul between float32 casts; GroupQueryAttention and the norms ran in float16
+    assert "MatMul" in check["probe_float32_ops"]
+    assert not {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} & set(check["probe_float32_ops"])
+
+
+def test_fp16_graph_has_float16_kv_and_logits_and_runs_close_to_fp32_on_cpu(cuda_fp16, cuda_fp32):
+    import numpy as np
+
+    half, full = (onnxlm.load(a.directory, ep="cpu").session for a in (cuda_fp16, cuda_fp32))
+    assert half.kv_dtype == np.float16 and half.logits_dtype == np.float16 and full.kv_dtype == np.float32
+    caches = [s.new_cache(capacity=64) for s in (half, full)]
+    assert "float16" in caches[0].values[0].data_type()
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, 320, (1, 24), dtype=np.int64)
+    got, want = (s.step(prompt, c) for s, c in zip((half, full), caches))
+    assert got.dtype == np.float32 and np.abs(got - want).max() < 5e-3
+    for token in rng.integers(0, 320, 8):
+        got, want = (s.step(np.asarray([[token]], np.int64), c) for s, c in zip((half, full), caches))
+        assert np.abs(got - want).max() < 5e-3
+
+
+def test_fp16_rotary_caches_are_float32_angles_at_every_position(cuda_fp16, tiny_hf_dir):
+    import json
+
+    import numpy as np
+    import onnx
+
+    graph = onnx.load(str(cuda_fp16.directory / "model.onnx")).graph
+    cos = next(onnx.numpy_helper.to_array(t) for t in graph.initializer if t.name == "decode_shapes.cos_cache.0")
+    config = json.loads((tiny_hf_dir / "config.json").read_text())
+    dim = config["head_dim"]
+    theta = config.get("rope_theta", 10000.0)
+    angles = np.arange(config["max_position_embeddings"])[:, None] / theta ** (np.arange(0, dim, 2) / dim)
+    assert cos.dtype == np.float16 and cos.shape == angles.shape
+    # float16 angles would be off by up to 0.25 rad at positions 512..1023
+    assert np.abs(cos.astype(np.float64) - np.cos(angles)).max() < 2e-3
+
+
+def test_int4_cuda_imports_gguf_blocks_with_float16_activations_and_scales(tiny_q4_gguf, tmp_path):
+    import onnx
+
+    art = onnxlm.optimize(str(tiny_q4_gguf), recipe="int4-cuda", output=tmp_path / "int4", ep="cuda", cross=True)
+    exact = report(art, "quant_gguf_exact")
+    assert exact["check"]["weights_bit_identical"] and exact["matched"]["matmul_nbits_q8_0"] == 1
+    graph = onnx.load(str(art.directory / "model.onnx")).graph
+    types = {t.name: t.data_type for t in graph.initializer}
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert {dict((a.name, a.i) for a in n.attribute)["bits"] for n in nbits} == {4, 8}  # Q4_1 and the Q8_0 head
+    assert all(types[n.input[2]] == onnx.TensorProto.FLOAT16 for n in nbits)  # scales
+    assert all(dict((a.name, a.i) for a in n.attribute)["accuracy_level"] == 0 for n in nbits)  # float activations
+    fp16 = report(art, "convert_float16")["check"]
+    assert abs(fp16["ppl_after"] / fp16["ppl_before"] - 1) < 0.01 and fp16["max_abs_logit_diff"] < 5e-3
+
+
+def test_int4_cuda_on_an_hf_source_is_rtn_int4(tiny_hf_dir, tmp_path):
+    art = onnxlm.optimize(str(tiny_hf_dir), recipe="int4-cuda", output=tmp_path / "rtn", ep="cuda", cross=True)
+    assert report(art, "quant_weight_only")["matched"]["matmul_nbits"] == 2 * 4 + 1  # qkv, o, gate_up, down; head
+    assert art.session.kv_dtype.__name__ == "float16"

@@ -27,7 +27,8 @@ from __future__ import annotations
 from collections import Counter
 
 from onnxlm.passes.base import FOLDED, Pass, PassContext
-from onnxlm.passes.quant.linears import initializer_bytes
+from onnxlm.passes.constants import add_initializer
+from onnxlm.passes.quant.linears import drop_unused, initializer_bytes
 from onnxlm.passes.quant.weight_only import replace_graph
 
 ROTARY_CACHES = (7, 8)  # GroupQueryAttention's cos_cache, sin_cache
@@ -47,9 +48,39 @@ def rotary_angle_nodes(graph) -> list:
     return list(found.values())
 
 
+def is_cast(node, to) -> bool:
+    return node is not None and node.op_type == "Cast" and node.attributes["to"].as_int() == to
+
+
+def keep_float32_between(graph, blocked: set[str], originals: dict) -> int:
+    """ORT's converter casts every edge of a blocked (float32) node to float16 and back, also between two blocked
+    nodes and from a float32 initializer: the rotary angles would still pass through float16. Rewire those edges
+    to the float32 value itself (`originals`: the float32 initializers by name, from before the conversion).
+    Returns the edges rewired."""
+    import onnx_ir as ir
+
+    rewired = 0
+    for node in [n for n in graph if n.name in blocked]:
+        for i, value in enumerate(node.inputs):
+            widen = value.producer() if value is not None else None
+            if not is_cast(widen, ir.DataType.FLOAT):
+                continue
+            narrowed = widen.inputs[0]
+            narrow = narrowed.producer()
+            if is_cast(narrow, ir.DataType.FLOAT16) and narrow.inputs[0].producer() is not None \
+                    and narrow.inputs[0].producer().name in blocked:
+                node.replace_input_with(i, narrow.inputs[0])  # blocked -> blocked: float32 throughout
+            elif narrow is None and narrowed.name in originals:
+                node.replace_input_with(i, add_initializer(graph, f"{narrowed.name}.float32", originals[narrowed.name]))
+            else:
+                continue
+            rewired += 1
+    return rewired
+
+
 def cpu_float32_ops(path, scratch) -> dict[str, int]:
     """Op types that ORT's CPU EP runs in float32 in the float16 graph at `path`: those its InsertCastTransformer
-    wrapped in casts (read from the optimized graph ORT writes)."""
+    put between its casts (read from the optimized graph ORT writes)."""
     import onnx
     import onnxruntime as ort
 
@@ -61,9 +92,19 @@ def cpu_float32_ops(path, scratch) -> dict[str, int]:
                                      "float16.cpu-optimized.onnx.data")
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     graph = onnx.load(str(optimized), load_external_data=False).graph
-    widened = {o for n in graph.node if n.name.startswith("InsertedPrecisionFreeCast_")  # float16 -> float32
-               and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in n.attribute) for o in n.output}
-    counts = Counter(n.op_type for n in graph.node if n.op_type != "Cast" and widened & set(n.input))
+
+    def inserted(node, to) -> bool:
+        return node.name.startswith("InsertedPrecisionFreeCast_") and any(
+            a.name == "to" and a.i == to for a in node.attribute)
+
+    # the float32 regions ORT made: from its widening casts to its narrowing ones (the graph is sorted)
+    wide, counts = set(), Counter()
+    for node in graph.node:
+        if inserted(node, onnx.TensorProto.FLOAT):
+            wide.update(node.output)
+        elif wide & set(node.input) and not inserted(node, onnx.TensorProto.FLOAT16):
+            wide.update(node.output)
+            counts[node.op_type] += 1
     for leftover in scratch.glob("float16.cpu-optimized.onnx*"):
         leftover.unlink()
     return dict(sorted(counts.items()))
@@ -83,10 +124,14 @@ class ConvertFloat16(Pass):
         ir.external_data.load_to_model(model)  # ORT's converter reads a proto with every tensor inline
         size_before = initializer_bytes(model.graph)
         blocked = rotary_angle_nodes(model.graph)
+        originals = {v.name: v.const_value.numpy() for n in blocked for v in n.inputs
+                     if v is not None and v.const_value is not None and v.const_value.dtype == ir.DataType.FLOAT}
         proto = convert_float_to_float16(ir.to_proto(model), keep_io_types=False, disable_shape_infer=True,
                                          op_block_list=DEFAULT_OP_BLOCK_LIST,
                                          node_block_list=[n.name for n in blocked])
         replace_graph(model, ir.from_proto(proto))
+        rewired = keep_float32_between(model.graph, {n.name for n in blocked}, originals)
+        drop_unused(model)
         halves = sum(1 for v in model.graph.initializers.values()
                      if v.const_value is not None and v.const_value.dtype == ir.DataType.FLOAT16)
         ctx.metrics.update({"bytes_before": size_before, "bytes_after": initializer_bytes(model.graph),
@@ -95,5 +140,5 @@ class ConvertFloat16(Pass):
             path = ctx.scratch / "float16.onnx"
             ir.save(model, path, external_data="float16.onnx.data")
             ctx.metrics["probe_float32_ops"] = cpu_float32_ops(path, ctx.scratch)
-        notes = [f"rotary angles kept in float32 ({len(blocked)} nodes)"] if blocked else []
+        notes = [f"rotary angles kept in float32 ({len(blocked)} nodes, {rewired} edges)"] if blocked else []
         return halves > 0, {"float16_initializers": halves}, notes
