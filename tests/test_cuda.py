@@ -244,3 +244,41 @@ def test_int4_cuda_on_an_hf_source_is_rtn_int4(tiny_hf_dir, tmp_path):
     art = onnxlm.optimize(str(tiny_hf_dir), recipe="int4-cuda", output=tmp_path / "rtn", ep="cuda", cross=True)
     assert report(art, "quant_weight_only")["matched"]["matmul_nbits"] == 2 * 4 + 1  # qkv, o, gate_up, down; head
     assert art.session.kv_dtype.__name__ == "float16"
+
+
+def test_genai_config_of_a_cuda_artifact_asks_for_cuda_with_graphs(cuda_fp16, tiny_artifact):
+    import json
+
+    import onnx
+
+    config = json.loads((cuda_fp16.directory / "genai_config.json").read_text())
+    decoder = config["model"]["decoder"]
+    assert decoder["session_options"]["provider_options"] == [{"cuda": {"enable_cuda_graph": "1"}}]
+    assert config["search"]["past_present_share_buffer"] is True  # genai's static buffer, bound as past and present
+    graph = onnx.load(str(cuda_fp16.directory / decoder["filename"]), load_external_data=False).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.output]}
+    assert types["past_key_values.0.key"] == types["present.0.value"] == types["logits"] == onnx.TensorProto.FLOAT16
+    cpu = json.loads((tiny_artifact.directory / "genai_config.json").read_text())
+    assert cpu["model"]["decoder"]["session_options"]["provider_options"] == []
+
+
+def test_genai_runs_the_fp16_cuda_artifact_on_cpu_with_its_providers_cleared(cuda_fp16):
+    """onnxruntime-genai (a CPU build here) reads the float16 KV cache and logits from the graph; its cuda
+    provider options are dropped for this run, so this checks the graph's interface, not CUDA."""
+    og = pytest.importorskip("onnxruntime_genai")
+    from onnxlm.runtime.decoding import Decoding
+
+    config = og.Config(str(cuda_fp16.directory))
+    config.clear_providers()
+    model = og.Model(config)
+    params = og.GeneratorParams(model)
+    prompt = [5, 9, 17, 3, 40, 71]
+    params.set_search_options(do_sample=False, max_length=len(prompt) + 10)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    art = onnxlm.load(cuda_fp16.directory, ep="cpu")
+    assert tokens == list(art.generate_ids(prompt, len(tokens), ignore_eos=True, decoding=Decoding()))
