@@ -282,3 +282,24 @@ def test_genai_runs_the_fp16_cuda_artifact_on_cpu_with_its_providers_cleared(cud
         tokens.append(int(generator.get_next_tokens()[0]))
     art = onnxlm.load(cuda_fp16.directory, ep="cpu")
     assert tokens == list(art.generate_ids(prompt, len(tokens), ignore_eos=True, decoding=Decoding()))
+
+
+def test_the_gpu_check_script_dry_run_runs_on_cpu(tiny_hf_dir, tmp_path):
+    """bench/cuda_check.py --dry-run: the prepared GPU script end to end, with the CPU as the device. It checks
+    the script, not a GPU (its output says so)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "cuda_check.py"
+    done = subprocess.run([sys.executable, str(script), "--dry-run", "--model", str(tiny_hf_dir), "--out",
+                           str(tmp_path), "--tokens", "6", "--runs", "1", "--ppl-tokens", "200"],
+                          capture_output=True, text=True, env=os.environ, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "cuda_check.json").read_text())
+    assert result["device"] == "dry run on the CPU (nothing measured on a GPU)" and result["captured_decode"]
+    assert result["agreement_fp16_vs_fp32"]["teacher_forced"] >= 0.5
+    assert set(result["speed"]) == {"fp16, graphs on", "fp16, graphs off", "int4-cuda", "fp32 (cpu)"}
+    assert result["host_time_per_step"]["host_us"] > 0
