@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": where,
         "onnxruntime": __import__("onnxruntime").__version__,
         "captured_decode": fp16.session.captures,
+        "capture_refused": fp16.session.capture_refused,
         "agreement_fp16_vs_fp32": agreement(fp32, fp16, PROMPTS, args.tokens),
         "ppl": ppl,
         "ppl_increase_pct": {k: 100 * (v / ppl["fp32 (cpu)"] - 1) for k, v in ppl.items()},
@@ -213,7 +214,9 @@ def main(argv: list[str] | None = None) -> dict:
         "genai_cuda_fp16": "not measured in a dry run" if args.dry_run else genai_cuda_speed(paths["fp16"], args.runs),
     }
     (args.out / "cuda_check.json").write_text(json.dumps(result, indent=2))
-    lines = [f"Device: {where}; onnxruntime {result['onnxruntime']}; decode captured: {result['captured_decode']}",
+    refused = f" (ORT refused: {result['capture_refused']})" if result["capture_refused"] else ""
+    lines = [f"Device: {where}; onnxruntime {result['onnxruntime']}; decode captured: {result['captured_decode']}"
+             f"{refused}",
              "", "| artifact | PPL (held out) | vs fp32 | TTFT ms | decode tok/s |", "|---|---|---|---|---|"]
     for name, numbers in result["speed"].items():
         key = "fp16" if name.startswith("fp16") else name

@@ -94,8 +94,15 @@ class DecoderSession:
         # decode steps replayed as captured device graphs: fixed shapes (decode_shapes) and the fast path only
         self.captures = (self.backend.device_binding and self.shared_kv and self.hot
                          and self.interface.has(DECODE_SHAPES))
-        self.session = self.backend.session(self.directory / MODEL_FILE, threads, profile, spinning,
-                                            decoder=self.captures)
+        self.capture_refused = None  # why ORT would not capture this graph's decode steps, if it refused
+        try:
+            self.session = self.backend.session(self.directory / MODEL_FILE, threads, profile, spinning,
+                                                decoder=self.captures)
+        except OnnxlmError as exc:  # ORT refuses capture when it placed nodes off the device: run uncaptured
+            if not self.captures or "graph capture" not in str(exc):
+                raise
+            self.captures, self.capture_refused = False, str(exc)
+            self.session = self.backend.session(self.directory / MODEL_FILE, threads, profile, spinning)
         self.kv_dtype = kv_dtype(self.session)  # float16 after convert_float16
         self.logits_dtype = FLOAT_TYPES.get(next(o.type for o in self.session.get_outputs() if o.name == "logits"),
                                             np.float32)

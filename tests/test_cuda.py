@@ -303,3 +303,26 @@ def test_the_gpu_check_script_dry_run_runs_on_cpu(tiny_hf_dir, tmp_path):
     assert result["agreement_fp16_vs_fp32"]["teacher_forced"] >= 0.5
     assert set(result["speed"]) == {"fp16, graphs on", "fp16, graphs off", "int4-cuda", "fp32 (cpu)"}
     assert result["host_time_per_step"]["host_us"] > 0
+
+
+def test_when_ort_refuses_graph_capture_decode_runs_uncaptured(monkeypatch, cuda_fp32):
+    """ORT fails session creation with enable_cuda_graph when it placed nodes off the GPU; the decoder then
+    runs uncaptured and says why (simulated on the CPU: this ORT error is not reproducible without CUDA)."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Refusing(CpuAsDevice):
+        name: str = "refusing"
+
+        def session(self, path, threads=None, profile=False, spinning=True, decoder=False):
+            if decoder:
+                raise OnnxlmError(f"ONNX Runtime cannot load {path}: This session cannot use the graph capture "
+                                  "feature as requested by the user as all compute graph nodes have not been "
+                                  "partitioned to the CUDAExecutionProvider")
+            return super().session(path, threads, profile, spinning)
+
+    backend = Refusing()
+    monkeypatch.setitem(BACKENDS, backend.name, backend)
+    art, tokens = greedy_tokens(cuda_fp32.directory, backend.name)
+    assert not art.session.captures and "graph capture" in art.session.capture_refused
+    assert set(backend.runs) == set()  # no run options: nothing captured
+    assert tokens == greedy_tokens(cuda_fp32.directory, "cpu")[1]
