@@ -326,3 +326,30 @@ def test_when_ort_refuses_graph_capture_decode_runs_uncaptured(monkeypatch, cuda
     assert not art.session.captures and "graph capture" in art.session.capture_refused
     assert set(backend.runs) == set()  # no run options: nothing captured
     assert tokens == greedy_tokens(cuda_fp32.directory, "cpu")[1]
+
+
+def test_the_device_path_imports_no_torch(cuda_fp16):
+    """The fp16 artifact through the device binding path (the CPU as the device) in a fresh process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, dataclasses, onnxlm; from onnxlm.backends import BACKENDS, CPU; "
+        "BACKENDS['dev'] = dataclasses.replace(CPU, name='dev', device_binding=True); "
+        "from onnxlm.runtime.decoding import Decoding; a = onnxlm.load(sys.argv[1], ep='dev'); "
+        "print(list(a.generate_ids([5, 9, 17], 4, ignore_eos=True, decoding=Decoding()))); "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'runtime imported torch'"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(cuda_fp16.directory)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_speculative_prompt_lookup_on_the_device_path_equals_greedy(cpu_as_device, cuda_fp16):
+    from onnxlm.runtime.decoding import Decoding
+
+    prompt = [5, 9, 17, 3, 5, 9, 17, 3, 5, 9]
+    art = onnxlm.load(cuda_fp16.directory, ep=cpu_as_device.name)
+    greedy = list(art.generate_ids(prompt, 12, ignore_eos=True, decoding=Decoding()))
+    spec = list(art.generate_ids(prompt, 12, ignore_eos=True,
+                                 decoding=Decoding(mode="speculative", prompt_lookup=True)))
+    assert spec == greedy
