@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from onnxlm.backends.base import FLOAT_TYPES
+
 
 def device_value(shape: tuple, dtype, device: str, device_id: int = 0):
     """An uninitialised OrtValue on `device`, allocated once and written in place from then on."""
@@ -83,3 +85,57 @@ class DeviceArgmax:
         self.io.bind_output("token", "cpu")
         self.session.run_with_iobinding(self.io)
         return self.io.get_outputs()[0].numpy()[:, 0]  # (batch,)
+
+
+def rows_model(count: int, kv_type: int, gather: bool):
+    """`count` KV buffers (batch, kv_heads, capacity, head_dim) -> the same, each Gather(buffer, rows, axis 0)
+    with `gather`, else an Identity (a device-to-device copy into buffers bound as outputs)."""
+    import onnx
+
+    helper = onnx.helper
+    shape = ["batch", "kv_heads", "capacity", "head_dim"]
+    nodes = [helper.make_node("Gather", [f"kv{i}", "rows"], [f"out{i}"], axis=0) if gather else
+             helper.make_node("Identity", [f"kv{i}"], [f"out{i}"]) for i in range(count)]
+    inputs = [helper.make_tensor_value_info(f"kv{i}", kv_type, shape) for i in range(count)]
+    if gather:
+        inputs.append(helper.make_tensor_value_info("rows", onnx.TensorProto.INT64, ["batch"]))
+    graph = helper.make_graph(nodes, "rows", inputs,
+                              [helper.make_tensor_value_info(f"out{i}", kv_type, shape) for i in range(count)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+class DeviceRows:
+    """Beam search's row reordering of a KV cache that lives on the device, where the host cannot edit it: one
+    run gathers every buffer's rows into scratch buffers (as large as the cache), a second copies them back into
+    the cache's own buffers, whose addresses a captured graph and the IO binding keep. Sessions and scratch are
+    made on first use (most generations never reorder)."""
+
+    def __init__(self, backend):
+        self.backend, self.sessions, self.scratch = backend, None, []
+
+    def _prepare(self, values: list) -> None:
+        import onnx
+        import onnxruntime as ort
+
+        dtype = FLOAT_TYPES[values[0].data_type()]
+        if self.sessions is None:
+            kv_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+            b = self.backend
+            self.sessions = [ort.InferenceSession(rows_model(len(values), kv_type, gather).SerializeToString(),
+                                                  b.session_options(), providers=list(b.providers),
+                                                  provider_options=b.session_provider_options(decoder=False))
+                             for gather in (True, False)]
+        if [s.shape() for s in self.scratch] != [v.shape() for v in values]:
+            self.scratch = [device_value(tuple(v.shape()), dtype, self.backend.device) for v in values]
+
+    def reorder(self, values: list, rows: np.ndarray) -> None:
+        self._prepare(values)
+        gather, copy = (s.io_binding() for s in self.sessions)
+        for i, (value, scratch) in enumerate(zip(values, self.scratch)):
+            gather.bind_ortvalue_input(f"kv{i}", value)
+            gather.bind_ortvalue_output(f"out{i}", scratch)
+            copy.bind_ortvalue_input(f"kv{i}", scratch)
+            copy.bind_ortvalue_output(f"out{i}", value)
+        gather.bind_cpu_input("rows", np.ascontiguousarray(rows, np.int64))  # (batch,)
+        self.sessions[0].run_with_iobinding(gather)
+        self.sessions[1].run_with_iobinding(copy)

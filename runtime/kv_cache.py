@@ -41,6 +41,7 @@ class KVCache:
     offset: int = 0  # tokens evicted while the kept keys keep their original positions (see kv_policy.py)
     binding: Any = None  # shared layout: the session's binding of these buffers as past and present (session.py)
     decode_feeds: Any = None  # the decode step's preallocated inputs and logits buffer (session.DecodeFeeds)
+    device_rows: Any = None  # on a device: row edits made there (runtime/device_step.DeviceRows), set by the session
     state: dict = dataclasses.field(default_factory=dict)  # step extensions' per-cache state, by feature
 
     @classmethod
@@ -91,7 +92,9 @@ class KVCache:
     def reorder(self, rows: np.ndarray) -> None:
         """Row b takes the K/V of row rows[b] (beam search), in place on the shared buffer."""
         rows = np.asarray(rows, np.int64)  # (batch,)
-        if self.shared:
+        if self.shared and self.arrays is None and self.device_rows is not None:  # on a device, by ORT there
+            self.device_rows.reorder(self.values, rows)
+        elif self.shared:
             for a in self.host_arrays("beam reordering"):  # (batch, kv_heads, capacity, head_dim)
                 a[:, :, : self.length] = a[rows, :, : self.length]
         else:

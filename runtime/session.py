@@ -21,7 +21,7 @@ from onnxlm.backends.base import FLOAT_TYPES, kv_dtype
 from onnxlm.errors import OnnxlmError
 from onnxlm.interface import DECODE_SHAPES, Interface
 from onnxlm.model_info import ModelInfo, shares_kv_buffer
-from onnxlm.runtime.device_step import DeviceArgmax, DeviceFeeds
+from onnxlm.runtime.device_step import DeviceArgmax, DeviceFeeds, DeviceRows
 from onnxlm.runtime.extensions import EXTENSIONS, StepInfo, ort_value
 from onnxlm.runtime.kv_cache import KVCache
 
@@ -107,6 +107,7 @@ class DecoderSession:
         self.logits_dtype = FLOAT_TYPES.get(next(o.type for o in self.session.get_outputs() if o.name == "logits"),
                                             np.float32)
         self._argmax = None  # DeviceArgmax, made on first use
+        self.device_rows = DeviceRows(self.backend)  # beam reordering of a cache on a device (lazy)
         self.input_names = {i.name for i in self.session.get_inputs()}
         graph_layers = sum(1 for name in self.input_names if name.startswith("past_key_values."))
         if graph_layers != 2 * self.info.num_layers:
@@ -134,6 +135,8 @@ class DecoderSession:
                 raise OnnxlmError(f"--{name.replace('_', '-')} needs an artifact built with {owner.needs}")
         cache = KVCache.empty(self.kv_input_names, batch, self.info.num_kv_heads, self.info.head_dim, capacity,
                               self.backend.device, self.kv_dtype)
+        if cache.shared and cache.arrays is None:  # a device: beam search reorders rows there
+            cache.device_rows = self.device_rows
         for extension in self.extensions:
             extension.start(cache, batch, capacity or self.info.context_length, **options)
         return cache

@@ -353,3 +353,19 @@ def test_speculative_prompt_lookup_on_the_device_path_equals_greedy(cpu_as_devic
     spec = list(art.generate_ids(prompt, 12, ignore_eos=True,
                                  decoding=Decoding(mode="speculative", prompt_lookup=True)))
     assert spec == greedy
+
+
+def test_beam_reordering_of_a_cache_without_host_arrays_runs_through_ort(cpu_as_device, cuda_fp16):
+    """A cache on a device has no host arrays; its rows are gathered by ORT on that device (here the CPU)."""
+    import numpy as np
+
+    session = onnxlm.load(cuda_fp16.directory, ep=cpu_as_device.name).session
+    cache = session.new_cache(batch=3, capacity=8)
+    session.step(np.asarray([[5, 9, 17], [4, 8, 15], [16, 23, 42]], np.int64), cache)
+    before = [v.numpy().copy() for v in cache.values]
+    cache.arrays, cache.device_rows = None, session.device_rows  # as on a GPU: no host view of the buffers
+    addresses = [v.data_ptr() for v in cache.values]
+    cache.reorder(np.array([2, 0, 0]))
+    for value, old in zip(cache.values, before):
+        np.testing.assert_array_equal(value.numpy(), old[[2, 0, 0]])
+    assert [v.data_ptr() for v in cache.values] == addresses  # in place: the binding stays valid
