@@ -17,6 +17,7 @@ The cache knows nothing of features: a step extension (runtime/extensions.py) ke
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -68,6 +69,20 @@ class KVCache:
             raise OnnxlmError(f"{what} needs the shared KV buffer in host memory; this cache is "
                               f"{'growing' if not self.shared else f'on {self.device}'}")
         return self.arrays
+
+    @contextlib.contextmanager
+    def editing(self, what: str, write: bool = True):
+        """The shared buffers as numpy arrays for the host to read or edit in place (`what`: the edit, for the
+        error). On a device they are copies, written back (`write`) when the block ends: a full copy each way,
+        correct rather than fast (KV eviction and prefix caching on a GPU)."""
+        if self.arrays is not None or not self.shared:
+            yield self.host_arrays(what)
+            return
+        copies = [v.numpy() for v in self.values]  # (batch, kv_heads, capacity, head_dim) each, on the host
+        yield copies
+        if write:
+            for value, array in zip(self.values, copies):
+                value.update_inplace(np.ascontiguousarray(array))
 
     def check_room(self, new_tokens: int) -> None:
         if self.shared and self.length + new_tokens > self.capacity:

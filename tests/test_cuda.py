@@ -369,3 +369,26 @@ def test_beam_reordering_of_a_cache_without_host_arrays_runs_through_ort(cpu_as_
     for value, old in zip(cache.values, before):
         np.testing.assert_array_equal(value.numpy(), old[[2, 0, 0]])
     assert [v.data_ptr() for v in cache.values] == addresses  # in place: the binding stays valid
+
+
+def test_kv_eviction_on_a_cache_without_host_arrays_edits_copies_and_writes_them_back(
+        monkeypatch, cpu_as_device, cuda_fp16):
+    """sinks-window eviction where the host cannot see the buffers (as on a GPU): the same tokens as on the host."""
+    from onnxlm.runtime.decoding import Decoding
+    from onnxlm.runtime.kv_policy import KVPolicyConfig
+    from onnxlm.runtime.session import DecoderSession
+
+    decoding = Decoding(kv_policy=KVPolicyConfig(name="sinks-window", budget=24, sinks=4, evict_every=8))
+    prompt = [5, 9, 17, 3, 40, 71, 12, 8, 99, 7, 6, 5, 4, 3]
+    want = list(onnxlm.load(cuda_fp16.directory, ep="cpu").generate_ids(prompt, 30, ignore_eos=True,
+                                                                         decoding=decoding))
+    new_cache = DecoderSession.new_cache
+
+    def without_host_arrays(self, *args, **kwargs):
+        cache = new_cache(self, *args, **kwargs)
+        cache.arrays = None
+        return cache
+
+    monkeypatch.setattr(DecoderSession, "new_cache", without_host_arrays)
+    art = onnxlm.load(cuda_fp16.directory, ep=cpu_as_device.name)
+    assert list(art.generate_ids(prompt, 30, ignore_eos=True, decoding=decoding)) == want
