@@ -93,10 +93,14 @@ def check_summary(check: dict) -> str:
     if check.get("ppl_after") is not None and check.get("ppl_before") is not None:
         text = f"PPL {check['ppl_before']:.3f} -> {check['ppl_after']:.3f} on {check.get('ppl_tokens', '?')} " \
                "calibration tokens"
+        if check.get("max_abs_logit_diff") is not None:
+            text += f", probe |dlogit| {check['max_abs_logit_diff']:.2e}"
         if check.get("weight_rel_error") is not None:
             text += f", weight error {check['weight_rel_error']:.4f}"
         if check.get("bytes_after") and check.get("bytes_before") is not None:
             text += f", {check['bytes_before'] / 1e6:.0f} -> {check['bytes_after'] / 1e6:.0f} MB"
+        if wide := check.get("probe_float32_ops"):  # convert_float16 checked on the CPU
+            text += f", CPU ran in float32: {', '.join(f'{op} x{n}' for op, n in wide.items())}"
         if choice := check.get("accuracy_choice"):
             steps = " vs ".join(f"{v} ms at level {k}" for k, v in choice["decode_step_ms"].items())
             text += f", accuracy_level {choice['chosen']} chosen here ({steps} per decode step)"
