@@ -28,7 +28,7 @@ from pathlib import Path
 from onnxlm.backends.base import Backend
 from onnxlm.errors import first_line
 
-GPU_INSTALL = "pip uninstall -y onnxruntime && pip install onnxruntime-gpu"
+GPU_INSTALL = "pip uninstall -y onnxruntime && pip install \"onnxruntime-gpu>=1.31,<1.33\""
 
 
 def installed(distribution: str) -> bool:
