@@ -107,6 +107,7 @@ class DecoderSession:
         self.logits_dtype = FLOAT_TYPES.get(next(o.type for o in self.session.get_outputs() if o.name == "logits"),
                                             np.float32)
         self._argmax = None  # DeviceArgmax, made on first use
+        self._captured_buffers: dict[int, tuple] = {}  # batch -> (KV values, arrays, DeviceFeeds) a graph reads
         self.device_rows = DeviceRows(self.backend)  # beam reordering of a cache on a device (lazy)
         self.input_names = {i.name for i in self.session.get_inputs()}
         graph_layers = sum(1 for name in self.input_names if name.startswith("past_key_values."))
@@ -122,19 +123,32 @@ class DecoderSession:
     def new_cache(self, batch: int = 1, capacity: int | None = None, **options) -> KVCache:
         """An empty cache on the backend's device. `capacity` (positions) sizes the shared buffer of a GQA graph;
         default: context length. `options` go to the step extensions that take them (e.g. `halt_threshold`,
-        QuickSilver's drift threshold, on a graph built by the quicksilver recipe)."""
+        QuickSilver's drift threshold, on a graph built by the quicksilver recipe).
+
+        On a session that captures decode steps, a captured graph replays the addresses it was captured with: the
+        caches of one batch size are all the same buffers, context-long (genai's static buffers), so only one
+        cache per batch size may be in use at a time."""
         if self.shared_kv:
             capacity = min(capacity or self.info.context_length, self.info.context_length)
         else:
             capacity = None
+        if self.captures:
+            capacity = self.info.context_length
         for name, value in options.items():
             owner = next((cls for cls in EXTENSIONS.values() if name in cls.options), None)
             if owner is None:
                 raise OnnxlmError(f"no step extension takes the option {name}")
             if value is not None and not self.interface.has(owner.feature):
                 raise OnnxlmError(f"--{name.replace('_', '-')} needs an artifact built with {owner.needs}")
-        cache = KVCache.empty(self.kv_input_names, batch, self.info.num_kv_heads, self.info.head_dim, capacity,
-                              self.backend.device, self.kv_dtype)
+        if self.captures and batch in self._captured_buffers:  # the buffers its captured graph replays
+            values, arrays, feeds = self._captured_buffers[batch]
+            cache = KVCache(values=values, length=0, capacity=capacity, device=self.backend.device, arrays=arrays,
+                            decode_feeds=feeds)
+        else:
+            cache = KVCache.empty(self.kv_input_names, batch, self.info.num_kv_heads, self.info.head_dim, capacity,
+                                  self.backend.device, self.kv_dtype)
+            if self.captures:
+                self._captured_buffers[batch] = (cache.values, cache.arrays, self._feeds(cache, batch))
         if cache.shared and cache.arrays is None:  # a device: beam search reorders rows there
             cache.device_rows = self.device_rows
         for extension in self.extensions:

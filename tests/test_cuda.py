@@ -154,7 +154,7 @@ def test_device_path_on_cpu_binds_fixed_ortvalues_and_a_full_width_mask(cpu_as_d
         np.testing.assert_allclose(got, want, atol=1e-5)  # total_sequence_length = the buffer's width: the same
         feeds = session._feeds(caches[0], 1)
         assert (feeds.ids.data_ptr(), feeds.mask.data_ptr(), feeds.logits.data_ptr()) == addresses
-        assert feeds.mask.shape() == [1, 16]
+        assert feeds.mask.shape() == [1, session.info.context_length]  # a captured session's buffers
 
 
 def test_sampling_on_the_device_path_reads_the_logits_row_on_the_host(cpu_as_device, cuda_fp32):
@@ -392,3 +392,20 @@ def test_kv_eviction_on_a_cache_without_host_arrays_edits_copies_and_writes_them
     monkeypatch.setattr(DecoderSession, "new_cache", without_host_arrays)
     art = onnxlm.load(cuda_fp16.directory, ep=cpu_as_device.name)
     assert list(art.generate_ids(prompt, 30, ignore_eos=True, decoding=decoding)) == want
+
+
+def test_a_capturing_session_reuses_one_set_of_buffers_per_batch_size(cpu_as_device, cuda_fp32):
+    """A captured graph replays the addresses it was captured with: every cache of a batch size is the same
+    context-long buffers, and generations one after another still give the host path's tokens."""
+    from onnxlm.runtime.decoding import Decoding
+
+    art = onnxlm.load(cuda_fp32.directory, ep=cpu_as_device.name)
+    host = onnxlm.load(cuda_fp32.directory, ep="cpu")
+    first, second = art.session.new_cache(capacity=16), art.session.new_cache(capacity=40)
+    assert first.capacity == second.capacity == art.info.context_length
+    assert [v.data_ptr() for v in first.values] == [v.data_ptr() for v in second.values]
+    assert first.decode_feeds is second.decode_feeds
+    assert art.session.new_cache(batch=2).values[0].data_ptr() != first.values[0].data_ptr()
+    for prompt in ([5, 9, 17, 3], [40, 71, 12], [5, 9, 17, 3]):
+        want = list(host.generate_ids(prompt, 10, ignore_eos=True, decoding=Decoding()))
+        assert list(art.generate_ids(prompt, 10, ignore_eos=True, decoding=Decoding())) == want
