@@ -34,6 +34,7 @@ class Backend:
     # decode steps bind inputs and logits as OrtValues on `device`, allocated once per cache (fixed addresses, the
     # logits stay there): runtime/device_step.py
     device_binding: bool = False
+    graph_capture: bool = False  # with device_binding: decode steps may be captured and replayed as device graphs
 
     def missing(self) -> str | None:
         """Why this machine cannot run the EP, in one line that names the missing piece; None when it can."""

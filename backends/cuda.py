@@ -74,7 +74,7 @@ class CudaBackend(Backend):
     provider_options: tuple[dict, ...] = ({"device_id": "0", "arena_extend_strategy": "kSameAsRequested"}, {})
     lowering: tuple[dict, ...] = ({"pass": "decode_shapes"},)
     device_binding: bool = True
-    cuda_graph: bool = True  # capture the decoder session's decode steps (enable_cuda_graph, gpu_graph_id)
+    graph_capture: bool = True  # capture the decoder session's decode steps (enable_cuda_graph, gpu_graph_id)
 
     def missing(self) -> str | None:
         import onnxruntime as ort
@@ -89,7 +89,7 @@ class CudaBackend(Backend):
 
     def session_provider_options(self, decoder: bool) -> list[dict]:
         cuda, *rest = self.provider_options
-        graph = "1" if decoder and self.cuda_graph else "0"
+        graph = "1" if decoder and self.graph_capture else "0"
         return [{**cuda, "enable_cuda_graph": graph}, *rest]
 
     def session_options(self, threads: int | None = None, profile: bool = False, spinning: bool = True):
@@ -108,7 +108,7 @@ class CudaBackend(Backend):
         """`gpu_graph_id`: one captured graph per decode batch size; -1 runs a step uncaptured (prefill)."""
         import onnxruntime as ort
 
-        if not self.cuda_graph:
+        if not self.graph_capture:
             return None
         options = ort.RunOptions()
         options.add_run_config_entry("gpu_graph_id", str(-1 if graph_id is None else graph_id))

@@ -177,11 +177,12 @@ def main(argv: list[str] | None = None) -> dict:
         class CpuAsDevice(CpuBackend):  # the CUDA backend's binding path, on the CPU EP
             name: str = "cpu-as-device"
             device_binding: bool = True
+            graph_capture: bool = True  # run options are not set on the CPU; the buffers are kept as for capture
 
-        device, nograph = CpuAsDevice(), CpuAsDevice(name="cpu-as-device-nograph")
+        device, nograph = CpuAsDevice(), CpuAsDevice(name="cpu-as-device-nograph", graph_capture=False)
     else:
         cuda.require("install onnxruntime-gpu first (this script's docstring)")
-        device, nograph = cuda, dataclasses.replace(cuda, name="cuda-nograph", cuda_graph=False)
+        device, nograph = cuda, dataclasses.replace(cuda, name="cuda-nograph", graph_capture=False)
     BACKENDS[device.name], BACKENDS[nograph.name] = device, nograph
     args.out.mkdir(parents=True, exist_ok=True)
     where = "dry run on the CPU (nothing measured on a GPU)" if args.dry_run else gpu_name()

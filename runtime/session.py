@@ -92,8 +92,8 @@ class DecoderSession:
         limits = [e.max_step_tokens for e in self.extensions if e.max_step_tokens]
         self.max_step_tokens = min(limits) if limits else None
         # decode steps replayed as captured device graphs: fixed shapes (decode_shapes) and the fast path only
-        self.captures = (self.backend.device_binding and self.shared_kv and self.hot
-                         and self.interface.has(DECODE_SHAPES))
+        self.captures = (self.backend.device_binding and self.backend.graph_capture and self.shared_kv
+                         and self.hot and self.interface.has(DECODE_SHAPES))
         self.capture_refused = None  # why ORT would not capture this graph's decode steps, if it refused
         try:
             self.session = self.backend.session(self.directory / MODEL_FILE, threads, profile, spinning,

@@ -105,7 +105,7 @@ class CpuAsDevice(CpuBackend):
 
     name: str = "cpu-as-device"
     device_binding: bool = True
-    cuda_graph: bool = True
+    graph_capture: bool = True
     runs: list = dataclasses.field(default_factory=list, compare=False, hash=False)
 
     def run_options(self, graph_id=None):
