@@ -31,20 +31,21 @@ from onnxlm.passes.constants import add_initializer
 from onnxlm.passes.quant.linears import drop_unused, initializer_bytes
 from onnxlm.passes.quant.weight_only import replace_graph
 
-ROTARY_CACHES = (7, 8)  # GroupQueryAttention's cos_cache, sin_cache
-
-
 def rotary_angle_nodes(graph) -> list:
-    """The nodes computing GroupQueryAttention's cos/sin caches from the positions (none when they are
-    constants)."""
-    found, stack = {}, [n.inputs[i].producer() for n in graph if n.op_type == "GroupQueryAttention"
-                        for i in ROTARY_CACHES if len(n.inputs) > i and n.inputs[i] is not None]
+    """The float nodes that compute the rotary cos/sin: every Cos and Sin and, through their float inputs, the
+    nodes they are computed from, up to the Cast that turns the integer positions into floats (integer and shape
+    computations stay as they are). On a lowered graph these make GroupQueryAttention's cos/sin caches (none when
+    the caches are constants); on the plain export they feed the rotate-half Muls."""
+    import onnx_ir as ir
+
+    found, stack = {}, [n for n in graph if n.op_type in ("Cos", "Sin")]
     while stack:
         node = stack.pop()
         if node is None or id(node) in found:
             continue
         found[id(node)] = node
-        stack.extend(v.producer() for v in node.inputs if v is not None)
+        if node.op_type != "Cast":
+            stack.extend(v.producer() for v in node.inputs if v is not None and v.dtype == ir.DataType.FLOAT)
     return list(found.values())
 
 
@@ -119,6 +120,7 @@ class ConvertFloat16(Pass):
 
     def run(self, model, ctx: PassContext):
         import onnx_ir as ir
+        import onnx_ir.passes.common as common
         from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
         ir.external_data.load_to_model(model)  # ORT's converter reads a proto with every tensor inline
@@ -132,6 +134,7 @@ class ConvertFloat16(Pass):
         replace_graph(model, ir.from_proto(proto))
         rewired = keep_float32_between(model.graph, {n.name for n in blocked}, originals)
         drop_unused(model)
+        common.TopologicalSortPass()(model)  # the converter appends the casts it puts on graph inputs
         halves = sum(1 for v in model.graph.initializers.values()
                      if v.const_value is not None and v.const_value.dtype == ir.DataType.FLOAT16)
         ctx.metrics.update({"bytes_before": size_before, "bytes_after": initializer_bytes(model.graph),
