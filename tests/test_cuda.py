@@ -66,6 +66,25 @@ def test_with_onnxruntime_gpu_but_no_driver_the_error_names_the_driver(monkeypat
         cuda_module.cuda_libraries_problem.cache_clear()
 
 
+def test_with_a_driver_but_without_the_cuda_libraries_the_error_names_the_library(monkeypatch):
+    """The driver is pretended (this machine has none); the provider library's real load failure is reported."""
+    import ctypes
+
+    import onnxruntime
+
+    real = ctypes.CDLL
+    monkeypatch.setattr(cuda_module.ctypes, "CDLL",
+                        lambda name, *a, **k: object() if name == "libcuda.so.1" else real(name, *a, **k))
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    cuda_module.cuda_libraries_problem.cache_clear()
+    try:
+        with pytest.raises(OnnxlmError, match=r"cannot load its CUDA libraries \(.*libonnxruntime_providers_cuda"):
+            CUDA.require()
+    finally:
+        cuda_module.cuda_libraries_problem.cache_clear()
+
+
 def test_cuda_session_options_capture_only_the_decoder_session():
     assert BACKENDS["cuda"] is CUDA and CUDA.device == "cuda" and probe_backend(CUDA).name == "cpu"
     decoder, cpu = CUDA.session_provider_options(decoder=True)
