@@ -46,43 +46,39 @@ def test_running_a_cuda_artifact_without_cuda_names_the_package_and_the_fallback
     assert code == 0 and stdout
 
 
-def test_with_onnxruntime_gpu_but_no_driver_the_error_names_the_driver(monkeypatch):
-    import ctypes
-
+@pytest.fixture
+def gpu_build(monkeypatch):
+    """onnxruntime as if it were onnxruntime-gpu (it lists CUDAExecutionProvider); the library checks run anew."""
     import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    cuda_module.cuda_libraries_problem.cache_clear()
+    yield
+    cuda_module.cuda_libraries_problem.cache_clear()
+
+
+def test_with_onnxruntime_gpu_but_no_driver_the_error_names_the_driver(gpu_build):
+    import ctypes
 
     try:
         ctypes.CDLL("libcuda.so.1")
         pytest.skip("this machine has an NVIDIA driver")
     except OSError:
         pass
-    monkeypatch.setattr(onnxruntime, "get_available_providers",
-                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    cuda_module.cuda_libraries_problem.cache_clear()
-    try:
-        with pytest.raises(OnnxlmError, match=r"no NVIDIA driver on this machine \(libcuda.so.1"):
-            CUDA.require()
-    finally:
-        cuda_module.cuda_libraries_problem.cache_clear()
+    with pytest.raises(OnnxlmError, match=r"no NVIDIA driver on this machine \(libcuda.so.1"):
+        CUDA.require()
 
 
-def test_with_a_driver_but_without_the_cuda_libraries_the_error_names_the_library(monkeypatch):
+def test_with_a_driver_but_without_the_cuda_libraries_the_error_names_the_library(gpu_build, monkeypatch):
     """The driver is pretended (this machine has none); the provider library's real load failure is reported."""
     import ctypes
-
-    import onnxruntime
 
     real = ctypes.CDLL
     monkeypatch.setattr(cuda_module.ctypes, "CDLL",
                         lambda name, *a, **k: object() if name == "libcuda.so.1" else real(name, *a, **k))
-    monkeypatch.setattr(onnxruntime, "get_available_providers",
-                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    cuda_module.cuda_libraries_problem.cache_clear()
-    try:
-        with pytest.raises(OnnxlmError, match=r"cannot load its CUDA libraries \(.*libonnxruntime_providers_cuda"):
-            CUDA.require()
-    finally:
-        cuda_module.cuda_libraries_problem.cache_clear()
+    with pytest.raises(OnnxlmError, match=r"cannot load its CUDA libraries \(.*libonnxruntime_providers_cuda"):
+        CUDA.require()
 
 
 def test_cuda_session_options_capture_only_the_decoder_session():
