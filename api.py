@@ -34,6 +34,7 @@ def optimize(
     overwrite: bool = False,
     graph_cache=None,
     trim_vocab: str | Path | None = None,
+    cross: bool = False,
 ) -> Artifact:
     """Load `model`, export it, run the recipe's passes and `ep`'s lowering passes (backends/), and write the
     artifact to `output`, with `ep` as its target.
@@ -53,7 +54,11 @@ def optimize(
 
     The whole artifact, draft included, is staged and moved into place in one rename (staging.py): a failed run
     writes nothing and leaves an existing artifact as it was. An existing artifact at `output` is replaced only
-    with `overwrite=True`."""
+    with `overwrite=True`.
+
+    An `ep` this machine cannot run (backends/: the package, the driver) is an error before anything is read or
+    written, unless `cross`: then the artifact is built for it here, and the pass manager's checks run on the
+    CPU (the manifest's target records where)."""
     from onnxlm.artifact import DRAFT_DIR
     from onnxlm.backends import get_backend, probe_backend
     from onnxlm.frontend import load_source
@@ -65,6 +70,9 @@ def optimize(
     say = progress or (lambda _msg: None)
     output = Path(output)
     # Everything that can be checked cheaply is checked before the slow work starts.
+    backend = get_backend(ep)
+    if not cross:
+        backend.require("build on a machine that has it, or here with --cross (checks on the CPU)")
     check_output(output, overwrite)
     the_recipe = with_layer_removal(apply_overrides(load_recipe(recipe), overrides or {}), remove_layers,
                                     max_ppl_increase)
@@ -81,7 +89,6 @@ def optimize(
         if len({json.dumps([p.to_dict() for p in r.passes if p.name == "trim_vocab"]) for r, _ in builds}) > 1:
             raise OnnxlmError("the self-draft must keep the model's vocabulary: its recipe needs the same trim_vocab "
                               "pass (or none in either)")
-    backend = get_backend(ep)
     builds = [(with_lowering(r, backend), where) for r, where in builds]
     calibration_text = read_text(Path(calibration) if calibration else CALIBRATION_TEXT)
     if not calibration_text.strip():

@@ -71,7 +71,7 @@ def write_artifact(staging: Path, model, source, recipe, reports, interface, tar
     import onnx_ir as ir
 
     from onnxlm import __version__
-    from onnxlm.genai_config import genai_config, genai_support
+    from onnxlm.genai_config import genai_config, genai_providers, genai_support
     from onnxlm.passes.cleanup import op_histogram
 
     model.producer_name, model.producer_version = "onnxlm", __version__
@@ -86,7 +86,8 @@ def write_artifact(staging: Path, model, source, recipe, reports, interface, tar
     ops = op_histogram(model)
     genai = genai_support(interface)
     if genai["deployable"]:
-        _write_json(staging / "genai_config.json", genai_config(source.info, ops, MODEL_FILE, generation))
+        _write_json(staging / "genai_config.json", genai_config(source.info, ops, MODEL_FILE, generation,
+                                                                genai_providers(target, interface, ops, source.info)))
     files = {str(p.relative_to(staging)): p.stat().st_size for p in sorted(staging.rglob("*"))
              if p.is_file() and not p.relative_to(staging).parts[0].startswith(".")}  # not the staging's scratch
     manifest = {

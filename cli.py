@@ -93,6 +93,8 @@ def check_summary(check: dict) -> str:
     if check.get("ppl_after") is not None and check.get("ppl_before") is not None:
         text = f"PPL {check['ppl_before']:.3f} -> {check['ppl_after']:.3f} on {check.get('ppl_tokens', '?')} " \
                "calibration tokens"
+        if check.get("max_abs_logit_diff") is not None:
+            text += f", probe |dlogit| {check['max_abs_logit_diff']:.2e}"
         if check.get("weight_rel_error") is not None:
             text += f", weight error {check['weight_rel_error']:.4f}"
         if check.get("bytes_after") and check.get("bytes_before") is not None:
@@ -100,6 +102,8 @@ def check_summary(check: dict) -> str:
         if check.get("vocab_after") is not None:
             text += (f", vocabulary {check['vocab_before']} -> {check['vocab_after']} (OOV {check['oov_rate']:.1%} of "
                      "the calibration tokens)")
+        if wide := check.get("probe_float32_ops"):  # convert_float16 checked on the CPU
+            text += f", CPU ran in float32: {', '.join(f'{op} x{n}' for op, n in wide.items())}"
         if choice := check.get("accuracy_choice"):
             steps = " vs ".join(f"{v} ms at level {k}" for k, v in choice["decode_step_ms"].items())
             text += f", accuracy_level {choice['chosen']} chosen here ({steps} per decode step)"
@@ -114,7 +118,10 @@ def optimize(
     output: Annotated[Path, typer.Option("--output", "-o", help="Artifact directory to write.")] = ...,
     recipe: Annotated[str, typer.Option(help="Built-in recipe name (see `onnxlm recipes`) or a recipe .json file.")] = "fp32",
     ep: Annotated[str, typer.Option(help="Execution provider to build for: its lowering passes join the recipe, "
-                                         "and the manifest records it as the artifact's target (available: cpu).")] = "cpu",
+                                         "and the manifest records it as the artifact's target (cpu | cuda).")] = "cpu",
+    cross: Annotated[bool, typer.Option(
+        "--cross", help="Build for an --ep this machine cannot run (e.g. cuda on a CPU-only machine): the pass "
+                        "manager's checks run on the CPU.")] = False,
     budget_bits: Annotated[Optional[float], typer.Option(
         min=2.0, max=8.0, help="Average code bits per decoder weight for the `nested` recipe's per-layer choice.")] = None,
     block_size: Annotated[Optional[int], typer.Option(
@@ -167,7 +174,8 @@ def optimize(
         art = run_optimize(model, recipe=recipe, output=output, ep=ep, progress=say, overrides=overrides,
                            calibration=calibration, self_draft_layers=self_draft_layers, draft_recipe=draft_recipe,
                            remove_layers=remove_layers, max_ppl_increase=max_ppl_increase,
-                           kv_scores=kv_scores, sparsity=sparsity, overwrite=overwrite, trim_vocab=trim_vocab)
+                           kv_scores=kv_scores, sparsity=sparsity, overwrite=overwrite, trim_vocab=trim_vocab,
+                           cross=cross)
     for report in art.manifest["passes"]:
         err.print(f"  {report['name']}: {report['nodes_before']} -> {report['nodes_after']} nodes, "
                   f"{check_summary(report['check'])}")

@@ -10,7 +10,7 @@ artifact with a required added input is not deployable there, and gets no genai_
 
 from __future__ import annotations
 
-from onnxlm.interface import Interface
+from onnxlm.interface import DECODE_SHAPES, Interface
 from onnxlm.model_info import ModelInfo, shares_kv_buffer
 
 
@@ -23,10 +23,22 @@ def genai_support(interface: Interface) -> dict:
     return {"deployable": False, "reason": f"onnxruntime-genai cannot feed the required input(s) {names}"}
 
 
+def genai_providers(target: dict, interface: Interface, op_histogram: dict[str, int], info: ModelInfo) -> list:
+    """genai's decoder `provider_options` for the artifact's target EP: none for the CPU; for cuda, `enable_cuda_graph`
+    when decode steps can be captured (the decode_shapes lowering and a shared KV buffer; genai then binds an
+    attention mask as wide as its buffer, whose width the graph reads as total_sequence_length). The KV cache and
+    logits types genai reads from the graph (float16 after convert_float16)."""
+    if target.get("ep") != "cuda":
+        return []
+    graphs = interface.has(DECODE_SHAPES) and shares_kv_buffer(op_histogram, info.num_layers)
+    return [{"cuda": {"enable_cuda_graph": "1" if graphs else "0"}}]
+
+
 def genai_config(info: ModelInfo, op_histogram: dict[str, int], model_file: str = "model.onnx",
-                 generation: dict | None = None) -> dict:
+                 generation: dict | None = None, provider_options: list | None = None) -> dict:
     """The config; `generation` (frontend/generation_defaults.py) sets genai's default search the way onnxlm's
-    own default decoding is set: sampling with the model's recommended settings, or greedy."""
+    own default decoding is set: sampling with the model's recommended settings, or greedy. `provider_options`:
+    genai_providers' (default: none, the CPU)."""
     eos = info.eos_token_ids
     sample = (generation or {}).get("mode") == "sample"
     sampling = {k: generation[k] for k in ("top_k", "top_p", "temperature", "repetition_penalty")
@@ -41,7 +53,7 @@ def genai_config(info: ModelInfo, op_histogram: dict[str, int], model_file: str 
             "vocab_size": info.vocab_size,
             "decoder": {
                 "filename": model_file,
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": provider_options or []},
                 "head_size": info.head_dim,
                 "hidden_size": info.hidden_size,
                 "num_attention_heads": info.num_heads,

@@ -20,6 +20,9 @@ from typing import Any
 import numpy as np
 
 DIRECTIONS = ("input", "output")
+# A feature without ports: decode steps have fixed shapes and no host-side values (passes/lowering/decode_shapes.py),
+# so a device may capture them (runtime/device_step.py).
+DECODE_SHAPES = "decode_shapes"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,13 +1,14 @@
-"""Backends: one per ONNX Runtime execution provider (base.py has the contract). Only the CPU EP exists so far;
-CUDA and NPU-class providers go beside it, each registered here."""
+"""Backends: one per ONNX Runtime execution provider (base.py has the contract): the CPU and CUDA EPs so far;
+NPU-class providers go beside them, each registered here."""
 
 from __future__ import annotations
 
 from onnxlm.backends.base import Backend
 from onnxlm.backends.cpu import CpuBackend
+from onnxlm.backends.cuda import CudaBackend
 from onnxlm.errors import OnnxlmError
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in [CpuBackend()]}
+BACKENDS: dict[str, Backend] = {b.name: b for b in [CpuBackend(), CudaBackend()]}
 CPU = BACKENDS["cpu"]
 
 

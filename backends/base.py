@@ -11,7 +11,17 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
+
 from onnxlm.errors import OnnxlmError, first_line
+
+FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def kv_dtype(session) -> type:
+    """The float type of a decoder session's KV cache (float16 after convert_float16, else float32)."""
+    types = {i.type for i in session.get_inputs() if i.name.startswith("past_key_values.")}
+    return FLOAT_TYPES.get(types.pop() if len(types) == 1 else "tensor(float)", np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,12 +31,33 @@ class Backend:
     device: str = "cpu"  # where OrtValues bound for a step live: "cpu", "cuda", ...
     provider_options: tuple[dict, ...] = ()  # one dict per provider, or empty for ORT's defaults
     lowering: tuple[dict, ...] = ()  # recipe entries ({"pass": NAME, ...}) appended for this EP
+    # decode steps bind inputs and logits as OrtValues on `device`, allocated once per cache (fixed addresses, the
+    # logits stay there): runtime/device_step.py
+    device_binding: bool = False
+    graph_capture: bool = False  # with device_binding: decode steps may be captured and replayed as device graphs
 
-    def available(self) -> bool:
-        """Whether this machine's onnxruntime build has the EP."""
+    def missing(self) -> str | None:
+        """Why this machine cannot run the EP, in one line that names the missing piece; None when it can."""
         import onnxruntime as ort
 
-        return self.providers[0] in ort.get_available_providers()
+        if self.providers[0] in ort.get_available_providers():
+            return None
+        return (f"this onnxruntime has no {self.providers[0]} (it has {', '.join(ort.get_available_providers())})")
+
+    def available(self) -> bool:
+        """Whether this machine can run the EP (its onnxruntime build has it, and what it needs is present)."""
+        return self.missing() is None
+
+    def require(self, fallback: str = "run the artifact with --ep cpu") -> None:
+        """One-line error naming what is missing for this EP, and what to do instead."""
+        reason = self.missing()
+        if reason is not None:
+            raise OnnxlmError(f"{reason}: {fallback}")
+
+    def run_options(self, graph_id: int | None = None):
+        """ORT RunOptions for one step: `graph_id` is the decode batch size on a backend that captures decode
+        steps as device graphs (None: an uncaptured step, e.g. a prefill). None where nothing needs setting."""
+        return None
 
     def session_options(self, threads: int | None = None, profile: bool = False, spinning: bool = True):
         import onnxruntime as ort
@@ -36,19 +67,27 @@ class Backend:
         options.enable_profiling = profile
         return options
 
-    def session(self, path: Path, threads: int | None = None, profile: bool = False, spinning: bool = True):
-        """An InferenceSession of the graph at `path` on this EP; one-line error when ORT refuses it."""
+    def session_provider_options(self, decoder: bool) -> list[dict] | None:
+        """The provider options of one session; `decoder`: the runtime's decoder session (not a pass's check)."""
+        return list(self.provider_options) or None
+
+    def session(self, path: Path, threads: int | None = None, profile: bool = False, spinning: bool = True,
+                decoder: bool = False):
+        """An InferenceSession of the graph at `path` on this EP; one-line error when ORT refuses it, or when it
+        silently fell back to another provider (ORT does that when an EP's libraries fail to load)."""
         import onnxruntime as ort
 
-        if not self.available():
-            raise OnnxlmError(f"this onnxruntime has no {self.providers[0]} (it has "
-                              f"{', '.join(ort.get_available_providers())}): run the artifact with --ep cpu")
+        self.require()
         try:
-            return ort.InferenceSession(str(path), sess_options=self.session_options(threads, profile, spinning),
-                                        providers=list(self.providers),
-                                        provider_options=list(self.provider_options) or None)
+            session = ort.InferenceSession(str(path), sess_options=self.session_options(threads, profile, spinning),
+                                           providers=list(self.providers),
+                                           provider_options=self.session_provider_options(decoder))
         except Exception as exc:
             raise OnnxlmError(f"ONNX Runtime cannot load {path}: {first_line(exc)}") from None
+        if self.providers[0] not in session.get_providers():
+            raise OnnxlmError(f"ONNX Runtime did not start {self.providers[0]} for {path} (it fell back to "
+                              f"{', '.join(session.get_providers())}): run the artifact with --ep cpu")
+        return session
 
     def target(self, probe: Backend) -> dict:
         """The manifest's "target": this backend, and the one the pass manager's probe ran on."""

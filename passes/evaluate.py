@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from onnxlm.backends.base import kv_dtype
 from onnxlm.errors import OnnxlmError
 from onnxlm.interface import Interface
 from onnxlm.metrics import perplexity, windows_of
@@ -23,7 +24,8 @@ def feeds_for(session, info: ModelInfo, tokens: np.ndarray, start: int, past: di
     `fed_elsewhere`: inputs the caller feeds itself (weights made inputs)."""
     names = [i.name for i in session.get_inputs()]
     if past is None:
-        past = {n: np.zeros((1, info.num_kv_heads, 0, info.head_dim), np.float32)  # (batch, kv_heads, 0, hd)
+        dtype = kv_dtype(session)  # float16 after convert_float16
+        past = {n: np.zeros((1, info.num_kv_heads, 0, info.head_dim), dtype)  # (batch, kv_heads, 0, hd)
                 for n in names if n.startswith("past_key_values.")}
     seq = tokens.shape[1]
     feeds = {"input_ids": tokens.astype(np.int64), **past}
@@ -56,7 +58,7 @@ def probe_logits(session, info: ModelInfo, interface: Interface | None = None) -
                                                                   interface=interface))))
         past = {n.replace("present.", "past_key_values."): v for n, v in result.items() if n.startswith("present.")}
         start += seq
-    return result["logits"]  # (1, PROBE_SEQ, vocab)
+    return result["logits"].astype(np.float32)  # (1, PROBE_SEQ, vocab); float16 after convert_float16
 
 
 def decode_step_seconds(sessions: list, info: ModelInfo, context: int = 32, steps: int = 16, rounds: int = 3
@@ -95,7 +97,7 @@ def session_perplexity(session, info: ModelInfo, ids: list[int], window: int = 5
 
     def window_logits(w: list[int]):
         feeds = feeds_for(session, info, np.asarray([w], np.int64), 0, None, set(extra), interface)
-        yield session.run(["logits"], {**feeds, **extra})[0][0]  # (seq, vocab)
+        yield session.run(["logits"], {**feeds, **extra})[0][0].astype(np.float32, copy=False)  # (seq, vocab)
 
     return perplexity(windows_of(ids, window), window_logits)["ppl"]
 

@@ -10,6 +10,7 @@ from onnxlm.passes.larosa.sparsify import TopkSparsify
 from onnxlm.passes.layers.exits import EarlyExit
 from onnxlm.passes.layers.halting import QuickSilverHalting
 from onnxlm.passes.layers.remove_layers import RemoveLayers
+from onnxlm.passes.lowering.decode_shapes import DecodeShapes
 from onnxlm.passes.lowering.expose_attention import ExposeAttention
 from onnxlm.passes.lowering.logits_to_keep import LogitsToKeep
 from onnxlm.passes.lowering.ort_fusions import (
@@ -20,6 +21,7 @@ from onnxlm.passes.lowering.ort_fusions import (
 )
 from onnxlm.passes.lowering.pack_matmuls import PackGateUp, PackQKV
 from onnxlm.passes.quant.dynamic_int8 import QuantDynamicInt8
+from onnxlm.passes.quant.float16 import ConvertFloat16
 from onnxlm.passes.quant.gguf_exact import GgufExact
 from onnxlm.passes.quant.nested import QuantNested
 from onnxlm.passes.quant.tied_embedding import ShareTiedEmbedding
@@ -38,6 +40,7 @@ PASSES: dict[str, type[Pass]] = {
         PackGateUp,
         ExposeAttention,
         LogitsToKeep,
+        DecodeShapes,
         RemoveLayers,
         QuickSilverHalting,
         EarlyExit,
@@ -49,6 +52,7 @@ PASSES: dict[str, type[Pass]] = {
         QuantNested,
         ShareTiedEmbedding,
         TrimVocab,
+        ConvertFloat16,
     ]
 }
 

@@ -42,11 +42,13 @@ def time_generation(executor: Executor, prompt: list[int], new_tokens: int) -> t
     """Return (ttft seconds, decode tok/s) for one greedy run that ignores EOS, on `executor` (the full cache, a
     KV policy, early exit: decoding.executor_for)."""
     executor.begin(len(prompt) + new_tokens)  # the cache, before the clock
+    # on a device the greedy choice is made there (execution.Plain.decode_greedy); elsewhere on the host logits
+    step = getattr(executor, "decode_greedy", None) or (lambda t: greedy(executor.decode(t)))
     start = time.perf_counter()
     token = greedy(executor.prefill(prompt))
     first = time.perf_counter()
     for _ in range(new_tokens - 1):
-        token = greedy(executor.decode(token))
+        token = step(token)
     last = time.perf_counter()
     return first - start, (new_tokens - 1) / (last - first)
 

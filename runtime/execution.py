@@ -94,3 +94,7 @@ class Plain(Executor):
 
     def decode(self, token):
         return self.model.step(np.asarray([[token]], np.int64), self.cache)[0, -1]  # a view of the cache's buffer
+
+    def decode_greedy(self, token: int) -> int:
+        """Run one token; return the next greedy token (on a device, chosen there: session.decode_greedy)."""
+        return int(self.model.decode_greedy(np.asarray([[token]], np.int64), self.cache)[0])

@@ -46,18 +46,22 @@ def generate_with(executor: Executor, prompt_ids: list[int], max_new_tokens: int
     executor.check(prompt_ids, max_new_tokens)
     executor.begin(len(prompt_ids) + max_new_tokens)
     logits = executor.prefill(prompt_ids)
-    yield from decode_loop(logits, prompt_ids, max_new_tokens, stop_ids, sampler or Sampler(), executor.decode)
+    sampler = sampler or Sampler()
+    # greedy on a device: each step's argmax is taken there, and only the token crosses to the host
+    step_greedy = getattr(executor, "decode_greedy", None) if sampler.greedy else None
+    yield from decode_loop(logits, prompt_ids, max_new_tokens, stop_ids, sampler, executor.decode, step_greedy)
 
 
 def decode_loop(logits: np.ndarray, prompt_ids: list[int], max_new_tokens: int, stop_ids: tuple[int, ...],
-                choose: Sampler, step: Callable[[int], np.ndarray]) -> Iterator[int]:
+                choose: Sampler, step: Callable[[int], np.ndarray],
+                step_greedy: Callable[[int], int] | None = None) -> Iterator[int]:
     """From the prompt's last logits (vocab,): choose a token, yield it, `step` it for the next logits, until a
-    stop token or max_new_tokens."""
+    stop token or max_new_tokens. `step_greedy(token)`, when given, steps and chooses in one (greedy)."""
     context = list(prompt_ids)
+    token = choose(logits, context)
     for i in range(max_new_tokens):
-        token = choose(logits, context)
         context.append(token)
         yield token
         if token in stop_ids or i + 1 == max_new_tokens:
             return
-        logits = step(token)
+        token = step_greedy(token) if step_greedy else choose(step(token), context)

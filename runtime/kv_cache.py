@@ -17,6 +17,7 @@ The cache knows nothing of features: a step extension (runtime/extensions.py) ke
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -41,19 +42,21 @@ class KVCache:
     offset: int = 0  # tokens evicted while the kept keys keep their original positions (see kv_policy.py)
     binding: Any = None  # shared layout: the session's binding of these buffers as past and present (session.py)
     decode_feeds: Any = None  # the decode step's preallocated inputs and logits buffer (session.DecodeFeeds)
+    device_rows: Any = None  # on a device: row edits made there (runtime/device_step.DeviceRows), set by the session
     state: dict = dataclasses.field(default_factory=dict)  # step extensions' per-cache state, by feature
 
     @classmethod
     def empty(cls, names: list[str], batch: int, kv_heads: int, head_dim: int, capacity: int | None = None,
-              device: str = "cpu") -> KVCache:
+              device: str = "cpu", dtype=np.float32) -> KVCache:
+        """`dtype`: the graph's KV type (float16 after convert_float16)."""
         shape = (batch, kv_heads, capacity or 0, head_dim)  # (batch, kv_heads, capacity, head_dim)
         if device == "cpu":
-            arrays = [np.zeros(shape, np.float32) for _ in names]
+            arrays = [np.zeros(shape, dtype) for _ in names]
             return cls(values=[_wrap(a) for a in arrays], length=0, capacity=capacity,
                        arrays=arrays if capacity else None)
         import onnxruntime as ort
 
-        values = [ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, device, 0) for _ in names]
+        values = [ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0) for _ in names]
         return cls(values=values, length=0, capacity=capacity, device=device)
 
     @property
@@ -66,6 +69,20 @@ class KVCache:
             raise OnnxlmError(f"{what} needs the shared KV buffer in host memory; this cache is "
                               f"{'growing' if not self.shared else f'on {self.device}'}")
         return self.arrays
+
+    @contextlib.contextmanager
+    def editing(self, what: str, write: bool = True):
+        """The shared buffers as numpy arrays for the host to read or edit in place (`what`: the edit, for the
+        error). On a device they are copies, written back (`write`) when the block ends: a full copy each way,
+        correct rather than fast (KV eviction and prefix caching on a GPU)."""
+        if self.arrays is not None or not self.shared:
+            yield self.host_arrays(what)
+            return
+        copies = [v.numpy() for v in self.values]  # (batch, kv_heads, capacity, head_dim) each, on the host
+        yield copies
+        if write:
+            for value, array in zip(self.values, copies):
+                value.update_inplace(np.ascontiguousarray(array))
 
     def check_room(self, new_tokens: int) -> None:
         if self.shared and self.length + new_tokens > self.capacity:
@@ -90,7 +107,9 @@ class KVCache:
     def reorder(self, rows: np.ndarray) -> None:
         """Row b takes the K/V of row rows[b] (beam search), in place on the shared buffer."""
         rows = np.asarray(rows, np.int64)  # (batch,)
-        if self.shared:
+        if self.shared and self.arrays is None and self.device_rows is not None:  # on a device, by ORT there
+            self.device_rows.reorder(self.values, rows)
+        elif self.shared:
             for a in self.host_arrays("beam reordering"):  # (batch, kv_heads, capacity, head_dim)
                 a[:, :, : self.length] = a[rows, :, : self.length]
         else:
@@ -104,4 +123,7 @@ class KVCache:
         return KVCache(values=[_wrap(a) for a in arrays], length=0, capacity=self.capacity, arrays=arrays)
 
     def nbytes(self) -> int:
-        return sum(int(np.prod(v.shape())) * 4 for v in self.values)
+        if not self.values:
+            return 0
+        itemsize = 2 if "float16" in self.values[0].data_type() else 4  # data_type(): "tensor(float16)"
+        return sum(int(np.prod(v.shape())) * itemsize for v in self.values)

@@ -122,10 +122,11 @@ class SinksWindow(Policy):
         if drop < need:
             raise OnnxlmError(f"{n} new tokens do not fit a KV budget of {budget} with {sinks} sinks")
         end = cache.length
-        for i, a in enumerate(cache.host_arrays("KV eviction")):  # (batch, kv_heads, capacity, head_dim); keys at even indices
-            a[:, :, sinks : end - drop] = a[:, :, sinks + drop : end]  # numpy copies overlapping slices safely
-            if i % 2 == 0 and self.config.relative:
-                rotate_keys(a[:, :, sinks : end - drop], -drop, self.info)
+        with cache.editing("KV eviction") as arrays:
+            for i, a in enumerate(arrays):  # (batch, kv_heads, capacity, head_dim); keys at even indices
+                a[:, :, sinks : end - drop] = a[:, :, sinks + drop : end]  # numpy copies overlapping slices safely
+                if i % 2 == 0 and self.config.relative:
+                    rotate_keys(a[:, :, sinks : end - drop], -drop, self.info)
         cache.length -= drop
         if not self.config.relative:
             cache.offset += drop
@@ -162,30 +163,31 @@ class _Scored(Policy):
             raise OnnxlmError(f"{n} new tokens do not fit a KV budget of {self.config.budget}")
         key = np.where(keep, np.inf, self.eviction_key(end))
         victims = np.lexsort((self.positions[:, :, :end], key), axis=-1)[..., :need]  # (layers, kv_heads, need)
-        if need == 1:  # decode: the last slot fills each victim's place, every layer's heads at once
-            self._move_last(cache, victims[..., 0], end - 1)
-        else:
-            for layer in range(self.info.num_layers):
-                for head in range(self.info.num_kv_heads):
-                    self._move(cache, layer, head, victims[layer, head], end - need)
+        with cache.editing("KV eviction") as arrays:
+            if need == 1:  # decode: the last slot fills each victim's place, every layer's heads at once
+                self._move_last(arrays, victims[..., 0], end - 1)
+            else:
+                for layer in range(self.info.num_layers):
+                    for head in range(self.info.num_kv_heads):
+                        self._move(arrays, layer, head, victims[layer, head], end - need)
         cache.length -= need
         cache.offset += need
 
-    def _move_last(self, cache: KVCache, victims: np.ndarray, last: int) -> None:
+    def _move_last(self, arrays: list[np.ndarray], victims: np.ndarray, last: int) -> None:
         """victims (layers, kv_heads): copy slot `last` into each (a victim that is `last` copies onto itself)."""
         heads = np.arange(self.info.num_kv_heads)
         for layer in range(self.info.num_layers):
-            for a in cache.host_arrays("KV eviction")[2 * layer : 2 * layer + 2]:  # (1, kv_heads, capacity, head_dim)
+            for a in arrays[2 * layer : 2 * layer + 2]:  # (1, kv_heads, capacity, head_dim)
                 a[0, heads, victims[layer]] = a[0, heads, last]
         for state in (self.scores, self.positions):
             state[np.arange(self.info.num_layers)[:, None], heads[None, :], victims] = state[:, :, last]
 
-    def _move(self, cache: KVCache, layer: int, head: int, victims: np.ndarray, new_end: int) -> None:
+    def _move(self, arrays: list[np.ndarray], layer: int, head: int, victims: np.ndarray, new_end: int) -> None:
         """Fill the victims' slots below new_end with the surviving slots at or above it."""
         holes = np.sort(victims[victims < new_end])
         tail = np.arange(new_end, new_end + len(victims))
         movers = tail[~np.isin(tail, victims)]
-        for a in cache.host_arrays("KV eviction")[2 * layer : 2 * layer + 2]:  # (1, kv_heads, capacity, head_dim)
+        for a in arrays[2 * layer : 2 * layer + 2]:  # (1, kv_heads, capacity, head_dim)
             a[0, head, holes] = a[0, head, movers]
         for state in (self.scores, self.positions):
             state[layer, head, holes] = state[layer, head, movers]

@@ -40,9 +40,8 @@ class PrefixCache:
     def restore(self, ids: list[int], row) -> int:
         """Copy the longest cached prefix of `ids` into the batch-1 cache `row` (positions 0..n); return n."""
         wanted = (len(ids) - 1) // BLOCK  # leave at least one token to prefill
-        arrays = row.host_arrays("prefix caching")
         found = 0
-        with self.lock:
+        with self.lock, row.editing("prefix caching") as arrays:
             for key in block_keys(ids, wanted):
                 block = self.blocks.get(key)
                 if block is None:
@@ -58,8 +57,7 @@ class PrefixCache:
 
     def store(self, ids: list[int], row) -> None:
         """Keep the full blocks of `ids` that `row` (a batch-1 cache holding them at 0..) has and the cache lacks."""
-        arrays = row.host_arrays("prefix caching")
-        with self.lock:
+        with self.lock, row.editing("prefix caching", write=False) as arrays:
             for b, key in enumerate(block_keys(ids, len(ids) // BLOCK)):
                 if key in self.blocks:
                     self.blocks.move_to_end(key)

@@ -17,22 +17,29 @@ import numpy as np
 
 from onnxlm.artifact import MODEL_FILE, read_manifest
 from onnxlm.backends import get_backend
+from onnxlm.backends.base import FLOAT_TYPES, kv_dtype
 from onnxlm.errors import OnnxlmError
-from onnxlm.interface import Interface
+from onnxlm.interface import DECODE_SHAPES, Interface
 from onnxlm.model_info import ModelInfo, shares_kv_buffer
+from onnxlm.runtime.device_step import DeviceArgmax, DeviceFeeds, DeviceRows
 from onnxlm.runtime.extensions import EXTENSIONS, StepInfo, ort_value
 from onnxlm.runtime.kv_cache import KVCache
+
+
+def as_float32(logits: np.ndarray) -> np.ndarray:
+    """Logits as float32 (the step's contract): a float16 graph's are widened, a copy; float32 ones are not."""
+    return logits.astype(np.float32, copy=False)
 
 
 class DecodeFeeds:
     """A decode step's inputs, allocated once per cache: at a few ms per step, fresh numpy arrays and OrtValues
     for three tiny inputs were a measurable share of the Python time around `run_with_iobinding`."""
 
-    def __init__(self, batch: int, capacity: int, vocab: int):
-        self.ids = np.zeros((batch, 1), np.int64)  # (batch, 1)
+    def __init__(self, batch: int, capacity: int, vocab: int, logits_dtype=np.float32):
+        self.host_ids = np.zeros((batch, 1), np.int64)  # (batch, 1)
         self.positions = np.zeros((batch, 1), np.int64)  # (batch, 1)
         self.ones = np.ones(batch * capacity, np.int64)  # every attention mask is all ones: a prefix of this
-        self.logits = np.empty((batch, 1, vocab), np.float32)  # (batch, 1, vocab)
+        self.logits = np.empty((batch, 1, vocab), logits_dtype)  # (batch, 1, vocab)
         self.logits_value = ort_value(self.logits)
 
     def mask(self, batch: int, total: int) -> np.ndarray:
@@ -77,14 +84,6 @@ class DecoderSession:
         self.info = ModelInfo.from_dict(self.manifest["model"])
         self.backend = get_backend(ep or self.manifest["target"]["ep"])  # default: the artifact's target
         self.threads = threads  # None: ORT picks the count (physical cores) and pins the threads
-        self.session = self.backend.session(self.directory / MODEL_FILE, threads, profile, spinning)
-        self.input_names = {i.name for i in self.session.get_inputs()}
-        graph_layers = sum(1 for name in self.input_names if name.startswith("past_key_values."))
-        if graph_layers != 2 * self.info.num_layers:
-            raise OnnxlmError(f"{self.directory}: the manifest says {self.info.num_layers} layers but the graph has "
-                              f"KV inputs for {graph_layers // 2}")
-        self.kv_input_names = self._ordered_kv("past_key_values.{}.{}")
-        self.kv_output_names = self._ordered_kv("present.{}.{}")
         self.shared_kv = shares_kv_buffer(self.manifest.get("op_histogram", {}), self.info.num_layers)
         self.interface = Interface.from_dict(self.manifest["interface"])
         self.extensions = [EXTENSIONS[f](self.interface.of(f), self.info) for f in self.interface.features
@@ -92,6 +91,31 @@ class DecoderSession:
         self.hot = all(e.hot for e in self.extensions)  # decode steps may take the preallocated fast path
         limits = [e.max_step_tokens for e in self.extensions if e.max_step_tokens]
         self.max_step_tokens = min(limits) if limits else None
+        # decode steps replayed as captured device graphs: fixed shapes (decode_shapes) and the fast path only
+        self.captures = (self.backend.device_binding and self.backend.graph_capture and self.shared_kv
+                         and self.hot and self.interface.has(DECODE_SHAPES))
+        self.capture_refused = None  # why ORT would not capture this graph's decode steps, if it refused
+        try:
+            self.session = self.backend.session(self.directory / MODEL_FILE, threads, profile, spinning,
+                                                decoder=self.captures)
+        except OnnxlmError as exc:  # ORT refuses capture when it placed nodes off the device: run uncaptured
+            if not self.captures or "graph capture" not in str(exc):
+                raise
+            self.captures, self.capture_refused = False, str(exc)
+            self.session = self.backend.session(self.directory / MODEL_FILE, threads, profile, spinning)
+        self.kv_dtype = kv_dtype(self.session)  # float16 after convert_float16
+        self.logits_dtype = FLOAT_TYPES.get(next(o.type for o in self.session.get_outputs() if o.name == "logits"),
+                                            np.float32)
+        self._argmax = None  # DeviceArgmax, made on first use
+        self._captured_buffers: dict[int, tuple] = {}  # batch -> (KV values, arrays, DeviceFeeds) a graph reads
+        self.device_rows = DeviceRows(self.backend)  # beam reordering of a cache on a device (lazy)
+        self.input_names = {i.name for i in self.session.get_inputs()}
+        graph_layers = sum(1 for name in self.input_names if name.startswith("past_key_values."))
+        if graph_layers != 2 * self.info.num_layers:
+            raise OnnxlmError(f"{self.directory}: the manifest says {self.info.num_layers} layers but the graph has "
+                              f"KV inputs for {graph_layers // 2}")
+        self.kv_input_names = self._ordered_kv("past_key_values.{}.{}")
+        self.kv_output_names = self._ordered_kv("present.{}.{}")
 
     def _ordered_kv(self, fmt: str) -> list[str]:
         return [fmt.format(i, kind) for i in range(self.info.num_layers) for kind in ("key", "value")]
@@ -99,19 +123,34 @@ class DecoderSession:
     def new_cache(self, batch: int = 1, capacity: int | None = None, **options) -> KVCache:
         """An empty cache on the backend's device. `capacity` (positions) sizes the shared buffer of a GQA graph;
         default: context length. `options` go to the step extensions that take them (e.g. `halt_threshold`,
-        QuickSilver's drift threshold, on a graph built by the quicksilver recipe)."""
+        QuickSilver's drift threshold, on a graph built by the quicksilver recipe).
+
+        On a session that captures decode steps, a captured graph replays the addresses it was captured with: the
+        caches of one batch size are all the same buffers, context-long (genai's static buffers), so only one
+        cache per batch size may be in use at a time."""
         if self.shared_kv:
             capacity = min(capacity or self.info.context_length, self.info.context_length)
         else:
             capacity = None
+        if self.captures:
+            capacity = self.info.context_length
         for name, value in options.items():
             owner = next((cls for cls in EXTENSIONS.values() if name in cls.options), None)
             if owner is None:
                 raise OnnxlmError(f"no step extension takes the option {name}")
             if value is not None and not self.interface.has(owner.feature):
                 raise OnnxlmError(f"--{name.replace('_', '-')} needs an artifact built with {owner.needs}")
-        cache = KVCache.empty(self.kv_input_names, batch, self.info.num_kv_heads, self.info.head_dim, capacity,
-                              self.backend.device)
+        if self.captures and batch in self._captured_buffers:  # the buffers its captured graph replays
+            values, arrays, feeds = self._captured_buffers[batch]
+            cache = KVCache(values=values, length=0, capacity=capacity, device=self.backend.device, arrays=arrays,
+                            decode_feeds=feeds)
+        else:
+            cache = KVCache.empty(self.kv_input_names, batch, self.info.num_kv_heads, self.info.head_dim, capacity,
+                                  self.backend.device, self.kv_dtype)
+            if self.captures:
+                self._captured_buffers[batch] = (cache.values, cache.arrays, self._feeds(cache, batch))
+        if cache.shared and cache.arrays is None:  # a device: beam search reorders rows there
+            cache.device_rows = self.device_rows
         for extension in self.extensions:
             extension.start(cache, batch, capacity or self.info.context_length, **options)
         return cache
@@ -179,42 +218,57 @@ class DecoderSession:
             binding.io.bind_cpu_input("attention_mask", np.ones((batch, total), np.int64))
         if "position_ids" in self.input_names:
             binding.io.bind_cpu_input("position_ids", positions)
-        if seq == 1:  # decode: ORT writes into the cache's buffer; no allocation, no copy
+        host_decode = seq == 1 and not self.backend.device_binding
+        if host_decode:  # decode: ORT writes into the cache's buffer; no allocation, no copy
             feeds = self._feeds(cache, batch)
-            logits = feeds.logits
             binding.bind_output("logits", feeds.logits_value)
-        else:  # prefill: ORT's arena reuses its memory across requests; a fresh 100 MB array would page-fault
+        else:  # prefill (ORT's arena reuses its memory; a fresh 100 MB array would page-fault), or a device's row
             binding.bind_output("logits", "cpu")
-        self.session.run_with_iobinding(binding.io)
+        self.session.run_with_iobinding(binding.io, self._run_options(None))
         for extension in self.extensions:
             extension.collect(binding, cache, step)
-        if cache.shared and seq == 1:  # the hot path: nothing to fetch, the buffers were written in place
+        if cache.shared and host_decode:  # the hot path: nothing to fetch, the buffers were written in place
             if not ragged:
                 cache.advance(None, seq)
-            return logits, step.result
+            return as_float32(feeds.logits), step.result
         outputs = binding.io.get_outputs()  # [logits, *presents, ...]: _binding binds them first, in this order
         presents = outputs[1 : 1 + len(self.kv_output_names)]
-        cache.advance(None if cache.shared else presents, seq)
-        if seq == 1:
-            return logits, step.result
-        logits = outputs[0].numpy()
+        if not (ragged and cache.shared):
+            cache.advance(None if cache.shared else presents, seq)
+        if host_decode:
+            return as_float32(feeds.logits), step.result
+        logits = as_float32(outputs[0].numpy())
         return (logits[:, -1:] if last_only else logits), step.result  # a view when the graph kept one row
 
-    def _feeds(self, cache: KVCache, batch: int) -> DecodeFeeds:
-        if cache.decode_feeds is None or cache.decode_feeds.ids.shape[0] != batch:
-            cache.decode_feeds = DecodeFeeds(batch, cache.capacity or self.info.context_length, self.info.vocab_size)
-        return cache.decode_feeds
+    def _run_options(self, graph_id: int | None):
+        """Run options of a step: a captured decode graph per batch size, or none (uncaptured)."""
+        return self.backend.run_options(graph_id) if self.captures else None
+
+    def _feeds(self, cache: KVCache, batch: int):
+        """The cache's preallocated decode inputs and logits: DecodeFeeds on the host, DeviceFeeds on a device."""
+        feeds = cache.decode_feeds
+        if feeds is None or feeds.host_ids.shape[0] != batch:
+            capacity = cache.capacity or self.info.context_length
+            if self.backend.device_binding:
+                feeds = DeviceFeeds(batch, capacity, self.info.vocab_size, self.logits_dtype, self.backend.device)
+            else:
+                feeds = DecodeFeeds(batch, capacity, self.info.vocab_size, self.logits_dtype)
+            cache.decode_feeds = feeds
+        return feeds
 
     def _decode_step(self, token_ids: np.ndarray, cache: KVCache) -> np.ndarray:
         """`step` for one token per row on a shared buffer: the hot path of every decoding loop. The inputs are
-        written into preallocated arrays and bound by pointer; ORT writes K/V and logits in place."""
+        written into preallocated arrays and bound by pointer; ORT writes K/V and logits in place. On a device the
+        logits row is then copied to the host (`decode_greedy` avoids that)."""
+        if self.backend.device_binding:
+            return self._device_decode(token_ids, cache).host_logits()
         batch = token_ids.shape[0]
         cache.check_room(1)
         feeds = self._feeds(cache, batch)
-        feeds.ids[:] = token_ids
+        feeds.host_ids[:] = token_ids
         feeds.positions[:] = cache.length + cache.offset
         io = self._binding(cache).io
-        io.bind_cpu_input("input_ids", feeds.ids)
+        io.bind_cpu_input("input_ids", feeds.host_ids)
         if "attention_mask" in self.input_names:
             io.bind_cpu_input("attention_mask", feeds.mask(batch, cache.length + 1))
         if "position_ids" in self.input_names:
@@ -222,7 +276,38 @@ class DecoderSession:
         io.bind_ortvalue_output("logits", feeds.logits_value)
         self.session.run_with_iobinding(io)
         cache.advance(None, 1)
-        return feeds.logits
+        return as_float32(feeds.logits)
+
+    def _device_decode(self, token_ids: np.ndarray, cache: KVCache) -> DeviceFeeds:
+        """The decode step on a device: the same OrtValues bound every step (runtime/device_step.py), replayed as
+        the captured graph of this batch size when the session captures; the logits stay on the device."""
+        batch = token_ids.shape[0]
+        cache.check_room(1)
+        feeds = self._feeds(cache, batch)
+        feeds.write(token_ids, cache.length + cache.offset)
+        io = self._binding(cache).io
+        io.bind_ortvalue_input("input_ids", feeds.ids)
+        if "attention_mask" in self.input_names:
+            if self.captures:  # as wide as the buffer: a fixed shape (decode_shapes reads its width as the total)
+                io.bind_ortvalue_input("attention_mask", feeds.mask)
+            else:
+                io.bind_cpu_input("attention_mask", np.ones((batch, cache.length + 1), np.int64))
+        if "position_ids" in self.input_names:
+            io.bind_ortvalue_input("position_ids", feeds.positions)
+        io.bind_ortvalue_output("logits", feeds.logits)
+        self.session.run_with_iobinding(io, self._run_options(batch))
+        cache.advance(None, 1)
+        return feeds
+
+    def decode_greedy(self, token_ids: np.ndarray, cache: KVCache) -> np.ndarray:
+        """One decode step, returning each row's argmax token (batch,) int64. On a device, on the fast path, the
+        argmax is taken there and only the token ids cross to the host."""
+        batch = token_ids.shape[0]
+        if self.backend.device_binding and cache.shared and self.hot:
+            if self._argmax is None:
+                self._argmax = DeviceArgmax(self.backend, self.logits_dtype)
+            return self._argmax(self._device_decode(np.asarray(token_ids, np.int64).reshape(batch, 1), cache))
+        return np.argmax(self.step(token_ids, cache)[:, -1], axis=-1)
 
     def _binding(self, cache: KVCache) -> Binding:
         """The IO binding for this step. A shared cache keeps one, its buffers bound once as past and present;

@@ -25,7 +25,8 @@ def absent_artifact(tiny_hf_dir, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(BACKENDS, "absent", Absent())
         out = tmp_path_factory.mktemp("absent") / "a"
-        onnxlm.optimize(str(tiny_hf_dir), recipe="fp32-plain", output=out, ep="absent", progress=print)
+        onnxlm.optimize(str(tiny_hf_dir), recipe="fp32-plain", output=out, ep="absent", progress=print,
+                        cross=True)
     return out
 
 
