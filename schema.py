@@ -167,7 +167,7 @@ RECIPE_KEYS = ("name", "description", "extends", "passes")
 
 # A pass's check: the logit bound of a lossless pass, the PPL cost and measurements of a lossy one.
 PASS_CHECK = {
-    "max_abs_logit_diff": Opt(float), "tolerance": Opt(float), "ppl_before": Opt((float, type(None))),
+    "max_abs_logit_diff": Opt((float, type(None))), "tolerance": Opt(float), "ppl_before": Opt((float, type(None))),
     "ppl_after": Opt((float, type(None))), "ppl_tokens": Opt(NonNegative), "weight_rel_error": Opt((float, type(None))),
     "bytes_before": Opt(NonNegative), "bytes_after": Opt(NonNegative),
     "vocab_before": Opt(NonNegative), "vocab_after": Opt(NonNegative), "kept_ids": Opt([NonNegative]),

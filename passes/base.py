@@ -72,7 +72,8 @@ class PassReport:
     nodes_before: int
     nodes_after: int
     seconds: float
-    check: dict  # lossless: {"max_abs_logit_diff", "tolerance"}; lossy: {"ppl_before", "ppl_after", metrics...}
+    check: dict  # lossless: {"max_abs_logit_diff", "tolerance"}; lossy: {"ppl_before", "ppl_after",
+    # "max_abs_logit_diff" (None when the vocabulary changed), metrics...}
     notes: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:

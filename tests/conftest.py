@@ -259,11 +259,12 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(f"fuzz: {sum(fuzz.CASES.values())} cases tried ({per_target})")
 
 
-ARCH_COLUMNS = ("fp32 parity", "greedy 32", "fused ops", "left unfused", "int4-rtn", "genai")
+ARCH_COLUMNS = ("fp32 parity", "greedy 32", "fused ops", "left unfused", "int4-rtn", "genai", "GGUF")
 
 
 def pytest_sessionfinish(session):
-    """With ONNXLM_ARCH_TABLE=PATH, write the family table (docs/architectures.md) from test_families' results."""
+    """With ONNXLM_ARCH_TABLE=PATH, write the family table (docs/architectures.md) from test_families' results (and
+    test_gguf_families', when it ran in the same session: the GGUF column)."""
     import sys
 
     families = sys.modules.get("test_families")
@@ -274,7 +275,7 @@ def pytest_sessionfinish(session):
 
     rows = ["| variant | model_type | " + " | ".join(ARCH_COLUMNS) + " |", "|" + "---|" * (len(ARCH_COLUMNS) + 2)]
     for variant, cells in families.RESULTS.items():
-        row = [variant, VARIANTS[variant][0], *(cells.get(c, "not run").replace("|", "/") for c in ARCH_COLUMNS)]
+        row = [variant, VARIANTS[variant][0], *(cells.get(c, "-" if c == "GGUF" else "not run").replace("|", "/") for c in ARCH_COLUMNS)]
         rows.append("| " + " | ".join(row) + " |")
     text = Path(target).read_text() if Path(target).exists() else ""
     head = text.split("<!-- table -->")[0] if "<!-- table -->" in text else text

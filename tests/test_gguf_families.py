@@ -8,13 +8,20 @@ import numpy as np
 import pytest
 
 from conftest import write_tiny_gguf, write_tiny_llama
+from test_families import RESULTS, record
 
 import onnxlm
 
 # variant (tests/tiny_families.py), GGUF architecture, shape: transformers' qwen3 GGUF loader does not read the
 # head size (it keeps Qwen3's 128, as every Qwen3 has)
-GGUF_FAMILIES = [("qwen3", "qwen3", {"head_dim": 128}), ("phi3", "phi3", {}), ("gemma2-softcap", "gemma2", {}),
+GGUF_FAMILIES = [("llama", "llama", {}), ("qwen3", "qwen3", {"head_dim": 128}), ("phi3", "phi3", {}), ("gemma2-softcap", "gemma2", {}),
                  ("gemma3-text", "gemma3", {})]
+
+
+def note(variant: str, text: str) -> None:
+    """Add to the variant's GGUF cell of docs/architectures.md."""
+    cell = RESULTS.get(variant, {}).get("GGUF")
+    record(variant, "GGUF", f"{cell}; {text}" if cell else text)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +53,9 @@ def test_fp32_from_a_gguf_matches_transformers_gguf_loader(family_gguf, variant,
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0].numpy()
     ours = art.session.step(np.asarray([ids]), art.session.new_cache(capacity=32))[0]
-    assert float(np.abs(ours - ref).max()) <= 1e-4 + 1e-5 * float(np.abs(ref).max())
+    diff, bound = float(np.abs(ours - ref).max()), 1e-4 + 1e-5 * float(np.abs(ref).max())
+    note(variant, f"`{arch}`: fp32 parity {diff:.1e}" if diff <= bound else f"`{arch}`: fp32 parity **{diff:.1e}**")
+    assert diff <= bound
 
 
 @pytest.mark.parametrize("variant, arch, shape", GGUF_FAMILIES)
@@ -55,5 +64,7 @@ def test_int4_imports_every_linear_of_a_family_gguf_exactly(family_gguf, variant
     art = onnxlm.optimize(str(path), recipe="int4", output=tmp_path / "int4",
                           overrides={"quant_gguf_exact": {"accuracy_level": 0}})
     report = next(r for r in art.manifest["passes"] if r["name"] == "quant_gguf_exact")
-    assert report["check"]["weights_bit_identical"] and not report["notes"]
+    exact = report["check"]["weights_bit_identical"] and not report["notes"]
+    note(variant, "int4 from Q4_1/Q8_0 blocks " + ("exact" if exact else "**not exact**"))
+    assert exact
     assert report["matched"].get("matmul_nbits_q4_1", 0) >= 2 * 2  # at least attention and MLP in both layers
