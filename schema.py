@@ -170,6 +170,7 @@ PASS_CHECK = {
     "max_abs_logit_diff": Opt(float), "tolerance": Opt(float), "ppl_before": Opt((float, type(None))),
     "ppl_after": Opt((float, type(None))), "ppl_tokens": Opt(NonNegative), "weight_rel_error": Opt((float, type(None))),
     "bytes_before": Opt(NonNegative), "bytes_after": Opt(NonNegative),
+    "static_max_abs_logit_diff": Opt(float), "static_tolerance": Opt(float), "static_tokens_checked": Opt(NonNegative),
     "accuracy_choice": Opt({"chosen": int, "decode_step_ms": MapOf(float), "calibration_ppl": MapOf(float)}),
 }
 
@@ -207,6 +208,7 @@ MANIFEST = {
     "interface": INTERFACE,
     "target": TARGET,
     "genai": {"deployable": bool, "reason": Opt(str)},
+    "static": Opt({"context_length": int, "prefill_chunk": int, "prefill": str, "decode": str}),
 }
 
 # tokenizer_config.json, in an artifact or a source: only the keys onnxlm reads are checked.

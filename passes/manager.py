@@ -83,7 +83,7 @@ def run_pipeline(
         if p.lossless:
             diff = float(np.abs(logits - reference).max())
             bound = p.atol + p.rtol * float(np.abs(reference).max())
-            check = {"max_abs_logit_diff": diff, "tolerance": bound}
+            check = {"max_abs_logit_diff": diff, "tolerance": bound, **ctx.metrics}  # and what the pass checked
             if not diff <= bound:
                 raise OnnxlmError(
                     f"pass '{p.name}' should be lossless but moved the logits by {diff:.3g} (> {bound:.3g})"

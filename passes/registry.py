@@ -19,6 +19,7 @@ from onnxlm.passes.lowering.ort_fusions import (
     FuseSkipRmsNorm,
 )
 from onnxlm.passes.lowering.pack_matmuls import PackGateUp, PackQKV
+from onnxlm.passes.lowering.static import StaticKV
 from onnxlm.passes.quant.dynamic_int8 import QuantDynamicInt8
 from onnxlm.passes.quant.gguf_exact import GgufExact
 from onnxlm.passes.quant.nested import QuantNested
@@ -37,6 +38,7 @@ PASSES: dict[str, type[Pass]] = {
         PackGateUp,
         ExposeAttention,
         LogitsToKeep,
+        StaticKV,
         RemoveLayers,
         QuickSilverHalting,
         EarlyExit,
