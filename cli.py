@@ -313,7 +313,7 @@ def bench(
                            kv_policy=kv_config(kv_policy, kv_budget, sinks), halt_threshold=halt_threshold,
                            exit_threshold=exit_threshold)
     emit(result, as_json, f"TTFT {result['ttft_s'] * 1000:.1f} ms ({context}-token prompt) | decode "
-                          f"{result['decode_tok_s']:.1f} tok/s | prefill-512 {result['prefill512_s']:.3f} s | "
+                          f"{result['decode_tok_s']:.1f} tok/s | prefill-{result['prefill_tokens']} {result['prefill_s']:.3f} s | "
                           f"{result['threads'] or 'auto'} threads, median of {runs}")
 
 
