@@ -1,17 +1,21 @@
-"""Backends: one per ONNX Runtime execution provider (base.py has the contract). Only the CPU EP exists so far;
-CUDA and NPU-class providers go beside it, each registered here."""
+"""Backends: one per ONNX Runtime execution provider (base.py has the contract): the CPU EP, and OpenVINO's
+(static NPU-class artifacts; `openvino:DEVICE` picks its device). CUDA goes beside them, registered here."""
 
 from __future__ import annotations
 
 from onnxlm.backends.base import Backend
 from onnxlm.backends.cpu import CpuBackend
+from onnxlm.backends.openvino import OpenVinoBackend, openvino_backend
 from onnxlm.errors import OnnxlmError
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in [CpuBackend()]}
+BACKENDS: dict[str, Backend] = {b.name: b for b in [CpuBackend(), OpenVinoBackend()]}
 CPU = BACKENDS["cpu"]
 
 
 def get_backend(name: str) -> Backend:
+    base, _, device = name.partition(":")
+    if base == "openvino" and device:
+        return openvino_backend(device)
     if name not in BACKENDS:
         raise OnnxlmError(f"unknown execution provider '{name}' (available: {', '.join(BACKENDS)})")
     return BACKENDS[name]

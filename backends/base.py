@@ -21,6 +21,7 @@ class Backend:
     device: str = "cpu"  # where OrtValues bound for a step live: "cpu", "cuda", ...
     provider_options: tuple[dict, ...] = ()  # one dict per provider, or empty for ORT's defaults
     lowering: tuple[dict, ...] = ()  # recipe entries ({"pass": NAME, ...}) appended for this EP
+    install: str = ""  # how to get the EP, for the error when this onnxruntime lacks it
 
     def available(self) -> bool:
         """Whether this machine's onnxruntime build has the EP."""
@@ -42,7 +43,8 @@ class Backend:
 
         if not self.available():
             raise OnnxlmError(f"this onnxruntime has no {self.providers[0]} (it has "
-                              f"{', '.join(ort.get_available_providers())}): run the artifact with --ep cpu")
+                              f"{', '.join(ort.get_available_providers())}): run the artifact with --ep cpu"
+                              + (f", or {self.install}" if self.install else ""))
         try:
             return ort.InferenceSession(str(path), sess_options=self.session_options(threads, profile, spinning),
                                         providers=list(self.providers),
