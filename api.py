@@ -176,17 +176,16 @@ def with_layer_removal(recipe, n: int | None, max_ppl_increase: float | None):
 
 
 def with_lowering(recipe, backend, overrides: dict[str, dict] | None = None):
-    """`recipe` with the backend's lowering passes at its end (those it does not already have, as the `static`
-    recipe has static_kv), with their `overrides`, order-checked like the recipe's own passes and run by the
-    manager like any other pass."""
+    """`recipe` with the backend's lowering passes at its end (unless it ends with them already, as the static
+    recipes end with static_kv), with their `overrides`, order-checked like the recipe's own passes and run by
+    the manager like any other pass."""
     from onnxlm.passes.recipe import Recipe
     from onnxlm.passes.registry import make_pass
 
-    present = {p.name for p in recipe.passes}
-    extra = [make_pass({**s, **(overrides or {}).get(s["pass"], {})}) for s in backend.lowering
-             if s["pass"] not in present]
-    if not extra:
-        return recipe
+    lowering = [s["pass"] for s in backend.lowering]
+    if not lowering or [p.name for p in recipe.passes[-len(lowering):]] == lowering:
+        return recipe  # none, or the recipe already ends with them (the static recipes end with static_kv)
+    extra = [make_pass({**s, **(overrides or {}).get(s["pass"], {})}) for s in backend.lowering]
     return Recipe(recipe.name, recipe.description, [*recipe.passes, *extra]).checked()
 
 

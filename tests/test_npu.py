@@ -125,11 +125,13 @@ def test_control_flow_is_refused_in_one_line_and_nothing_is_written(tiny_hf_dir,
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--recipe", "fp32", "--ep", "openvino"], "pass 'static_kv' at step 10 needs the plain export"),
+    (["--recipe", "fp32", "--ep", "openvino"], "pass 'static_kv' at step 10 cannot take the lowered graph "
+                                                "(GroupQueryAttention), which 'fuse_gqa' at step 5 made"),
     (["--recipe", "fp32", "--context-length", "64"], "recipe 'fp32' has no pass static_kv"),
     (["--recipe", "static", "--context-length", "5000"], "context_length 5000 exceeds the model's context length"),
     (["--recipe", "static", "--context-length", "16", "--prefill-chunk", "32"], "prefill_chunk in 1..context_length"),
     (["--recipe", "static", "--ep", "openvino:XPU"], "unknown OpenVINO device 'XPU'"),
+    (["--recipe", "static", "--sparsity", "0.25", "--context-length", "64"], "static_kv: the graph has dynamic control flow (If"),
 ])
 def test_bad_static_options_are_one_line(tiny_hf_dir, tmp_path, capsys, args, message):
     code, _, err = run_cli(capsys, "optimize", str(tiny_hf_dir), "-o", tmp_path / "out", *args)

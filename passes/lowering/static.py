@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxlm.errors import OnnxlmError
-from onnxlm.passes.base import FLOAT_WEIGHTS, FOLDED, PLAIN, UNSLICED_HEAD, Pass, PassContext
+from onnxlm.passes.base import FLOAT_WEIGHTS, FOLDED, FUSED, PLAIN, UNSLICED_HEAD, Pass, PassContext
 from onnxlm.static_layout import DECODE_FILE, METADATA_KEY, PREFILL_FILE, StaticFeeds, StaticShape, static_step
 
 CONTROL_FLOW = {"If", "Loop", "Scan"}
@@ -45,7 +45,8 @@ class StaticOptions:
 class StaticKV(Pass):
     name = "static_kv"
     Options = StaticOptions
-    requires = (FOLDED, PLAIN, UNSLICED_HEAD)  # the portable graph, the LM head on every row of a chunk
+    requires = (FOLDED, UNSLICED_HEAD)  # constants folded, the LM head on every row of a chunk
+    excludes = (FUSED,)  # GroupQueryAttention is an ORT op that NPU EPs do not run: the portable graph
     # The pair is specialized from the final graph: nothing that needs a graph form may change it afterwards.
     removes = (PLAIN, FLOAT_WEIGHTS, UNSLICED_HEAD)
 
