@@ -131,7 +131,8 @@ def test_control_flow_is_refused_in_one_line_and_nothing_is_written(tiny_hf_dir,
     (["--recipe", "static", "--context-length", "5000"], "context_length 5000 exceeds the model's context length"),
     (["--recipe", "static", "--context-length", "16", "--prefill-chunk", "32"], "prefill_chunk in 1..context_length"),
     (["--recipe", "static", "--ep", "openvino:XPU"], "unknown OpenVINO device 'XPU'"),
-    (["--recipe", "static", "--sparsity", "0.25", "--context-length", "64"], "static_kv: the graph has dynamic control flow (If"),
+    (["--recipe", "static", "--sparsity", "0.25", "--context-length", "64",
+      "--prefill-chunk", "8"], "static_kv: the graph has dynamic control flow (If"),
 ])
 def test_bad_static_options_are_one_line(tiny_hf_dir, tmp_path, capsys, args, message):
     code, _, err = run_cli(capsys, "optimize", str(tiny_hf_dir), "-o", tmp_path / "out", *args)
