@@ -23,6 +23,7 @@ from onnxlm.passes.lowering.static import StaticKV
 from onnxlm.passes.quant.dynamic_int8 import QuantDynamicInt8
 from onnxlm.passes.quant.gguf_exact import GgufExact
 from onnxlm.passes.quant.nested import QuantNested
+from onnxlm.passes.quant.qdq import QuantQdq
 from onnxlm.passes.quant.tied_embedding import ShareTiedEmbedding
 from onnxlm.passes.quant.weight_only import QuantWeightOnly
 
@@ -48,6 +49,7 @@ PASSES: dict[str, type[Pass]] = {
         GgufExact,
         QuantDynamicInt8,
         QuantNested,
+        QuantQdq,
         ShareTiedEmbedding,
     ]
 }

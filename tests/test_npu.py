@@ -20,8 +20,9 @@ from onnxlm.errors import OnnxlmError
 from onnxlm.passes.lowering.static import non_static_values
 from onnxlm.runtime.decoding import Decoding, executor_for
 from onnxlm.runtime.execution import Plain
+from onnxlm.runtime.generate import generate_with
 from onnxlm.runtime.kv_policy import KVPolicyConfig
-from onnxlm.runtime.sampling import SamplingConfig
+from onnxlm.runtime.sampling import Sampler, SamplingConfig
 from onnxlm.runtime.static import Static
 
 C, P = 192, 32
@@ -169,6 +170,53 @@ def test_cli_eval_and_bench_on_a_static_artifact(static_artifact, capsys, tmp_pa
     code, out, err = run_cli(capsys, "eval", static_artifact.directory, "--text", CALIBRATION_TEXT,
                              "--window", str(C + 8))
     assert code == 2 and f"static KV cache's {C} slots" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="session")
+def qdq_artifacts(tiny_hf_dir, tmp_path_factory):
+    """The QNN-style (uint16 activations, uint8 per-channel weights) and the int4 QDQ static artifacts."""
+    out = tmp_path_factory.mktemp("qdq")
+    shape = {"context_length": C, "prefill_chunk": P}
+    return {recipe: onnxlm.optimize(str(tiny_hf_dir), recipe=recipe, output=out / recipe,
+                                    overrides={"static_kv": shape, **extra})
+            for recipe, extra in (("static-qdq", {}), ("static-int4", {"quant_weight_only": {"block_size": 32}}))}
+
+
+def quantized_types(path):
+    """op -> {input's element type}: for QuantizeLinear its zero point (the activations' type), for
+    DequantizeLinear of a constant its codes (the weights' type); and the DequantizeLinear attributes."""
+    proto = onnx.load(str(path), load_external_data=False)
+    types = {t.name: t.data_type for t in proto.graph.initializer}
+    found = {"activations": set(), "weights": set(), "attributes": set()}
+    for node in proto.graph.node:
+        if node.op_type == "QuantizeLinear":
+            found["activations"].add(types.get(node.input[2]))
+        if node.op_type == "DequantizeLinear" and node.input[0] in types:
+            found["weights"].add(types[node.input[0]])
+            found["attributes"] |= {(a.name, a.i) for a in node.attribute}
+    return found
+
+
+def test_qdq_artifacts_are_static_report_their_ppl_and_run(qdq_artifacts):
+    qnn, int4 = qdq_artifacts["static-qdq"], qdq_artifacts["static-int4"]
+    for art in (qnn, int4):
+        lossy = art.manifest["passes"][1]
+        assert lossy["check"]["ppl_after"] > 0 and lossy["check"]["ppl_before"] > 0, lossy["name"]
+        assert 0 < lossy["check"]["weight_rel_error"] < 0.2
+        for name in ("prefill.onnx", "decode.onnx"):
+            assert non_static_values(art.directory / name) == []
+    qnn_types = quantized_types(qnn.directory / "prefill.onnx")
+    assert qnn_types["activations"] == {onnx.TensorProto.UINT16} and qnn_types["weights"] >= {onnx.TensorProto.UINT8}
+    assert ("axis", 1) in qnn_types["attributes"]  # per output channel of the [K, N] weights
+    int4_types = quantized_types(int4.directory / "prefill.onnx")
+    assert int4_types["activations"] == set() and int4_types["weights"] == {onnx.TensorProto.INT4}
+    assert ("block_size", 32) in int4_types["attributes"]
+    sampled = Decoding("sample", SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, seed=5))
+    prompt = text_ids(qnn, 40)
+    for art in (qnn, int4):  # the static pair decodes as the dynamic QDQ graph it was specialized from does
+        got = list(art.generate_ids(prompt, 32, ignore_eos=True, decoding=sampled))
+        want = list(generate_with(Plain(art.session), prompt, 32, sampler=Sampler(sampled.sampling)))
+        assert got == want
 
 
 @pytest.mark.skipif(not HAS_OPENVINO, reason="this environment's onnxruntime has no OpenVINOExecutionProvider "

@@ -89,6 +89,10 @@ PASSES_BEFORE_EXTENDS = {
 STATIC = {"pass": "static_kv", "context_length": 2048, "prefill_chunk": 128}
 PORTABLE = {
     "static": [{"pass": "cleanup"}, STATIC],
+    "static-qdq": [{"pass": "cleanup"}, {"pass": "quant_qdq", "activations": "uint16", "weights": "uint8",
+                                         "per_channel": True}, STATIC],
+    "static-int4": [{"pass": "cleanup"}, {"pass": "quant_weight_only", "bits": 4, "block_size": 128,
+                                          "symmetric": True, "accuracy_level": 0, "format": "qdq"}, STATIC],
 }
 
 
