@@ -7,6 +7,8 @@ dynamic fp32 (GroupQueryAttention) artifact of the same model.
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -219,11 +221,56 @@ def test_qdq_artifacts_are_static_report_their_ppl_and_run(qdq_artifacts):
         assert got == want
 
 
-@pytest.mark.skipif(not HAS_OPENVINO, reason="this environment's onnxruntime has no OpenVINOExecutionProvider "
-                                             "(onnxruntime-openvino replaces onnxruntime: a separate venv)")
-def test_openvino_cpu_runs_the_static_pair_with_the_cpu_eps_tokens(static_artifact):
-    prompt = text_ids(static_artifact, 40)
-    ov = onnxlm.load(static_artifact.directory, ep="openvino")
-    got = list(ov.generate_ids(prompt, 64, ignore_eos=True, decoding=Decoding()))
-    want = list(static_artifact.generate_ids(prompt, 64, ignore_eos=True, decoding=Decoding()))
-    assert got == want
+OPENVINO_PYTHON = os.environ.get("ONNXLM_OPENVINO_PYTHON")  # a python whose onnxruntime is onnxruntime-openvino
+OPENVINO_RUN = """
+import json, sys
+import onnxlm
+from onnxlm.runtime.decoding import Decoding
+art = onnxlm.load(sys.argv[1], ep="openvino")
+print(json.dumps(list(art.generate_ids(json.loads(sys.argv[2]), 64, ignore_eos=True, decoding=Decoding()))))
+"""
+
+
+@pytest.mark.skipif(not HAS_OPENVINO and not OPENVINO_PYTHON,
+                    reason="no OpenVINOExecutionProvider: onnxruntime-openvino replaces the onnxruntime module, so it "
+                           "lives in its own environment; set ONNXLM_OPENVINO_PYTHON to that environment's python")
+@pytest.mark.parametrize("recipe", ["static", "static-qdq", "static-int4"])
+def test_openvino_cpu_runs_the_static_pair_with_the_cpu_eps_tokens(static_artifact, qdq_artifacts, recipe):
+    import subprocess
+    import sys
+
+    art = static_artifact if recipe == "static" else qdq_artifacts[recipe]
+    prompt = text_ids(art, 40)
+    want = list(art.generate_ids(prompt, 64, ignore_eos=True, decoding=Decoding()))
+    python = sys.executable if HAS_OPENVINO else OPENVINO_PYTHON
+    env = {**os.environ, "PYTHONPATH": str(Path(onnxlm.__file__).parent.parent)}  # this onnxlm, that onnxruntime
+    result = subprocess.run([python, "-c", OPENVINO_RUN, str(art.directory), json.dumps(prompt)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == want
+
+
+@pytest.fixture(scope="session")
+def smollm2_static(tmp_path_factory):
+    return onnxlm.optimize("smollm2-135m", recipe="static", output=tmp_path_factory.mktemp("smol-static") / "s")
+
+
+@pytest.mark.integration
+def test_smollm2_static_pair_equals_the_dynamic_fp32_artifact(smollm2_static, smollm2_artifact):
+    """SmolLM2 at C = 2048, P = 128: a padded 2.5-chunk prefill and decode steps (1e-4 scale-aware), and 64 greedy
+    tokens, against the GQA artifact."""
+    check = smollm2_static.manifest["passes"][-1]["check"]
+    assert check["static_max_abs_logit_diff"] <= check["static_tolerance"]
+    ids = text_ids(smollm2_static, 330)
+    rows = {}
+    for name, executor in (("static", executor_for(smollm2_static.session)),
+                           ("dynamic", Plain(smollm2_artifact.session))):
+        executor.begin(len(ids))
+        logits = [executor.prefill(ids[:320], all_logits=True)]
+        logits += [executor.decode(t)[None].copy() for t in ids[320:]]
+        rows[name] = np.concatenate(logits)
+    reference = rows["dynamic"]
+    assert np.abs(rows["static"] - reference).max() <= 1e-4 + 1e-5 * np.abs(reference).max()
+    prompt = smollm2_static.prompt_ids("Write a short story about a lighthouse keeper.")
+    got = list(smollm2_static.generate_ids(prompt, 64, ignore_eos=True, decoding=Decoding()))
+    assert got == list(smollm2_artifact.generate_ids(prompt, 64, ignore_eos=True, decoding=Decoding()))
