@@ -358,6 +358,10 @@ def inspect(
     probe = "" if target["probe_providers"] == target["providers"] else \
         f" (its checks ran on {', '.join(target['probe_providers'])}: the target EP was not available)"
     out.print(f"target: {target['ep']} ({', '.join(target['providers'])}, device {target['device']}){probe}")
+    if static := manifest.get("static"):
+        out.print(f"static: {static['prefill']} ({static['prefill_chunk']} tokens) and {static['decode']} (1 token) on "
+                  f"a {static['context_length']}-slot KV cache, run by generate/eval/bench; model.onnx is the dynamic "
+                  f"graph they were specialized from")
     genai = manifest["genai"]
     out.print(f"onnxruntime-genai: {'deployable' if genai['deployable'] else 'not deployable: ' + genai['reason']}")
     interface = Interface.from_dict(manifest["interface"])
