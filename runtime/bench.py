@@ -72,8 +72,8 @@ def bench(model: DecoderSession, tokenizer, runs: int = 5, on_run=None, context:
     executor = executor_for(model, kv_policy, halt_threshold, threshold, segments)
     limit = executor.max_tokens()  # the context length; a static artifact's cache slots
     if context + NEW_TOKENS > limit and (kv_policy is None or kv_policy.name == "full"):
-        raise OnnxlmError(f"--context {context} + {NEW_TOKENS} timed tokens exceed the {limit} positions a sequence "
-                          f"holds here (the context length; a static artifact's cache slots)")
+        slots = " (the static KV cache's slots)" if limit != model.info.context_length else ""
+        raise OnnxlmError(f"--context {context} + {NEW_TOKENS} timed tokens exceed the context length {limit}{slots}")
     if PREFILL_TOKENS > model.info.context_length:
         raise OnnxlmError(f"the {PREFILL_TOKENS}-token prefill exceeds the model's context length "
                           f"{model.info.context_length}")
