@@ -77,12 +77,9 @@ class DecoderSession:
         self.info = ModelInfo.from_dict(self.manifest["model"])
         self.backend = get_backend(ep or self.manifest["target"]["ep"])  # default: the artifact's target
         self.threads = threads  # None: ORT picks the count (physical cores) and pins the threads
-        self.session = self.backend.session(self.directory / MODEL_FILE, threads, profile, spinning)
-        self.input_names = {i.name for i in self.session.get_inputs()}
-        graph_layers = sum(1 for name in self.input_names if name.startswith("past_key_values."))
-        if graph_layers != 2 * self.info.num_layers:
-            raise OnnxlmError(f"{self.directory}: the manifest says {self.info.num_layers} layers but the graph has "
-                              f"KV inputs for {graph_layers // 2}")
+        self._options, self._session = (profile, spinning), None
+        if "static" not in self.manifest:  # a static artifact runs prefill.onnx/decode.onnx (runtime/static.py):
+            self.session  # noqa: B018  (its dynamic model.onnx opens when stepped; it may not compile on an NPU)
         self.kv_input_names = self._ordered_kv("past_key_values.{}.{}")
         self.kv_output_names = self._ordered_kv("present.{}.{}")
         self.shared_kv = shares_kv_buffer(self.manifest.get("op_histogram", {}), self.info.num_layers)
@@ -92,6 +89,19 @@ class DecoderSession:
         self.hot = all(e.hot for e in self.extensions)  # decode steps may take the preallocated fast path
         limits = [e.max_step_tokens for e in self.extensions if e.max_step_tokens]
         self.max_step_tokens = min(limits) if limits else None
+
+    @property
+    def session(self):
+        """The ORT session of model.onnx, opened on first use; its KV inputs must match the manifest's layers."""
+        if self._session is None:
+            session = self.backend.session(self.directory / MODEL_FILE, self.threads, *self._options)
+            self.input_names = {i.name for i in session.get_inputs()}
+            graph_layers = sum(1 for name in self.input_names if name.startswith("past_key_values."))
+            if graph_layers != 2 * self.info.num_layers:
+                raise OnnxlmError(f"{self.directory}: the manifest says {self.info.num_layers} layers but the graph "
+                                  f"has KV inputs for {graph_layers // 2}")
+            self._session = session
+        return self._session
 
     def _ordered_kv(self, fmt: str) -> list[str]:
         return [fmt.format(i, kind) for i in range(self.info.num_layers) for kind in ("key", "value")]
