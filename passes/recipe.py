@@ -84,7 +84,8 @@ def order_error(passes: list[Pass]) -> str | None:
         clash = [form for form in p.excludes if form in forms]
         if clash:
             made_at, by = made.get(clash[0], (0, "the exporter"))
-            return f"pass '{p.name}' at step {step} cannot take {GRAPH_FORMS[clash[0]]}, which '{by}' at step {made_at} made"
+            return (f"pass '{p.name}' at step {step} cannot take {GRAPH_FORMS[clash[0]]}, which '{by}' at step "
+                    f"{made_at} made")
         missing = [form for form in p.requires if form not in forms]
         if missing:
             form = missing[0]

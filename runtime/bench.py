@@ -15,8 +15,6 @@ from __future__ import annotations
 import statistics
 import time
 
-import numpy as np
-
 from onnxlm.errors import OnnxlmError
 from onnxlm.runtime.decoding import executor_for
 from onnxlm.runtime.execution import Executor

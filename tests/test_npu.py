@@ -72,7 +72,8 @@ def test_static_logits_equal_the_dynamic_fp32_artifact(static_artifact, tiny_art
     ids = text_ids(static_artifact, P * 5 // 2 + 8)
     prompt, rest = ids[: P * 5 // 2], ids[P * 5 // 2 :]
     rows = {}
-    for name, executor in (("static", executor_for(static_artifact.session)), ("dynamic", Plain(tiny_artifact.session))):
+    for name, executor in (("static", executor_for(static_artifact.session)),
+                           ("dynamic", Plain(tiny_artifact.session))):
         executor.begin(len(ids))
         logits = [executor.prefill(prompt, all_logits=True)]
         logits += [executor.decode(t)[None].copy() for t in rest]

@@ -196,7 +196,8 @@ def compare_with_dynamic(model_path: Path, paths: dict[str, Path], shape: Static
         return out[0], out[1:]
 
     prefill = total - decode
-    steps = [tokens[i : min(i + p, prefill)] for i in range(0, prefill, p)] + [tokens[i : i + 1] for i in range(prefill, total)]
+    steps = [tokens[i : min(i + p, prefill)] for i in range(0, prefill, p)]  # the last chunk padded
+    steps += [tokens[i : i + 1] for i in range(prefill, total)]  # decode steps
     logits, length = [], 0
     for chunk in steps:
         logits.append(static_step(run, feeds, cache, chunk, length, length, p))
