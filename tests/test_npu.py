@@ -275,3 +275,11 @@ def test_smollm2_static_pair_equals_the_dynamic_fp32_artifact(smollm2_static, sm
     prompt = smollm2_static.prompt_ids("Write a short story about a lighthouse keeper.")
     got = list(smollm2_static.generate_ids(prompt, 64, ignore_eos=True, decoding=Decoding()))
     assert got == list(smollm2_artifact.generate_ids(prompt, 64, ignore_eos=True, decoding=Decoding()))
+
+
+def test_an_openvino_device_it_does_not_see_is_one_line(monkeypatch, tmp_path):
+    import onnxlm.backends.openvino as openvino
+
+    monkeypatch.setattr(openvino, "openvino_devices", lambda: ["CPU", "GPU.0"])
+    with pytest.raises(OnnxlmError, match="OpenVINO device NPU is not available here \\(OpenVINO sees: CPU, GPU.0\\)"):
+        get_backend("openvino:NPU").session(tmp_path / "decode.onnx")
