@@ -171,6 +171,7 @@ PASS_CHECK = {
     "ppl_after": Opt((float, type(None))), "ppl_tokens": Opt(NonNegative), "weight_rel_error": Opt((float, type(None))),
     "bytes_before": Opt(NonNegative), "bytes_after": Opt(NonNegative),
     "static_max_abs_logit_diff": Opt(float), "static_tolerance": Opt(float), "static_tokens_checked": Opt(NonNegative),
+    "static_qdq_max_abs_logit_diff": Opt(float), "static_qdq_argmax_agreement": Opt(float),
     "accuracy_choice": Opt({"chosen": int, "decode_step_ms": MapOf(float), "calibration_ppl": MapOf(float)}),
 }
 

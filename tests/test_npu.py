@@ -211,6 +211,9 @@ def test_qdq_artifacts_are_static_report_their_ppl_and_run(qdq_artifacts):
     qnn_types = quantized_types(qnn.directory / "prefill.onnx")
     assert qnn_types["activations"] == {onnx.TensorProto.UINT16} and qnn_types["weights"] >= {onnx.TensorProto.UINT8}
     assert ("axis", 1) in qnn_types["attributes"]  # per output channel of the [K, N] weights
+    # The QNN-style pair is checked with its activation Q/DQ bypassed; its own agreement is recorded.
+    assert qnn.manifest["passes"][-1]["check"]["static_qdq_argmax_agreement"] > 0.9
+    assert "static_qdq_argmax_agreement" not in int4.manifest["passes"][-1]["check"]
     int4_types = quantized_types(int4.directory / "prefill.onnx")
     assert int4_types["activations"] == set() and int4_types["weights"] == {onnx.TensorProto.INT4}
     assert ("block_size", 32) in int4_types["attributes"]
