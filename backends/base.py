@@ -37,8 +37,10 @@ class Backend:
         options.enable_profiling = profile
         return options
 
-    def session(self, path: Path, threads: int | None = None, profile: bool = False, spinning: bool = True):
-        """An InferenceSession of the graph at `path` on this EP; one-line error when ORT refuses it."""
+    def session(self, path: Path, threads: int | None = None, profile: bool = False, spinning: bool = True,
+                as_written: bool = False):
+        """An InferenceSession of the graph at `path` on this EP; one-line error when ORT refuses it. `as_written`:
+        ORT's basic graph optimizations only, none of its EP-specific fusions (which may change the numerics)."""
         import onnxruntime as ort
 
         if not self.available():
@@ -46,7 +48,10 @@ class Backend:
                               f"{', '.join(ort.get_available_providers())}): run the artifact with --ep cpu"
                               + (f", or {self.install}" if self.install else ""))
         try:
-            return ort.InferenceSession(str(path), sess_options=self.session_options(threads, profile, spinning),
+            options = self.session_options(threads, profile, spinning)
+            if as_written:
+                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            return ort.InferenceSession(str(path), sess_options=options,
                                         providers=list(self.providers),
                                         provider_options=list(self.provider_options) or None)
         except Exception as exc:

@@ -39,12 +39,12 @@ class OpenVinoBackend(Backend):
     def device_type(self) -> str:
         return self.provider_options[0]["device_type"]
 
-    def session(self, path, threads=None, profile=False, spinning=True):
+    def session(self, path, threads=None, profile=False, spinning=True, as_written=False):
         seen = openvino_devices()
         if seen and not any(d.split(".")[0] == self.device_type for d in seen):
             raise OnnxlmError(f"OpenVINO device {self.device_type} is not available here (OpenVINO sees: "
                               f"{', '.join(seen)})")
-        return super().session(path, threads, profile, spinning)
+        return super().session(path, threads, profile, spinning, as_written)
 
 
 def openvino_backend(device: str) -> OpenVinoBackend:

@@ -220,10 +220,13 @@ def compare_with_dynamic(model_path: Path, paths: dict[str, Path], shape: Static
     total = min(c, p + max(1, p // 2) + 4)
     decode = min(4, total - 1)
     tokens = np.random.default_rng(0).integers(0, ctx.info.vocab_size, total)
-    dynamic = open_session(model_path, backend=ctx.probe)
+    # As written: ORT's extended CPU fusions turn a blocked or per-channel DequantizeLinear + MatMul into MatMulNBits
+    # with int8 activations for some shapes and not others (on SmolLM2's int4 pair that alone moved the logits by
+    # 2.5); the check is of the graphs, not of those fusions.
+    dynamic = open_session(model_path, backend=ctx.probe, as_written=True)
     reference = dynamic.run(["logits"], feeds_for(dynamic, ctx.info, tokens[None], 0, None))[0][0]  # (T, vocab)
-    sessions = {p: open_session(paths[PREFILL_FILE], backend=ctx.probe),
-                1: open_session(paths[DECODE_FILE], backend=ctx.probe)}
+    sessions = {p: open_session(paths[PREFILL_FILE], backend=ctx.probe, as_written=True),
+                1: open_session(paths[DECODE_FILE], backend=ctx.probe, as_written=True)}
     feeds = {size: StaticFeeds(c, size) for size in sessions}
     names = [o.name for o in sessions[1].get_outputs()]  # logits, present.* (same order in both graphs)
     cache = [np.zeros((1, ctx.info.num_kv_heads, c, ctx.info.head_dim), np.float32) for _ in names[1:]]
