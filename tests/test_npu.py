@@ -211,6 +211,15 @@ def test_qdq_artifacts_are_static_report_their_ppl_and_run(qdq_artifacts):
     qnn_types = quantized_types(qnn.directory / "prefill.onnx")
     assert qnn_types["activations"] == {onnx.TensorProto.UINT16} and qnn_types["weights"] >= {onnx.TensorProto.UINT8}
     assert ("axis", 1) in qnn_types["attributes"]  # per output channel of the [K, N] weights
+    # The rotary frequency product keeps float positions (quantized, they would clip at the calibration's range).
+    import onnx_ir as ir
+
+    from onnxlm.passes.quant.qdq import rotary_products
+
+    graph = ir.load(qnn.directory / "model.onnx").graph
+    rotary = [n for n in graph if n.name in rotary_products(graph)]
+    assert rotary and all(i.producer() is None or i.producer().op_type != "DequantizeLinear"
+                          for n in rotary for i in n.inputs)
     # The QNN-style pair is checked with its activation Q/DQ bypassed; its own agreement is recorded.
     assert qnn.manifest["passes"][-1]["check"]["static_qdq_argmax_agreement"] > 0.9
     assert "static_qdq_argmax_agreement" not in int4.manifest["passes"][-1]["check"]

@@ -196,12 +196,20 @@ def without_activation_qdq(model_path: Path, out_path: Path) -> bool:
     import onnx_ir.passes.common as common
 
     model = ir.load(model_path)
-    bypassed = 0
-    for q in [n for n in model.graph if n.op_type == "QuantizeLinear"]:
+    graph, bypassed = model.graph, 0
+    for q in [n for n in graph if n.op_type == "QuantizeLinear"]:
         for dq, _ in list(q.outputs[0].uses()):
-            if dq.op_type == "DequantizeLinear" and not dq.outputs[0].is_graph_output():
-                dq.outputs[0].replace_all_uses_with(q.inputs[0])
-                bypassed += 1
+            if dq.op_type != "DequantizeLinear":
+                continue
+            out, x = dq.outputs[0], q.inputs[0]
+            if out.is_graph_output():  # e.g. quantized logits: the float input takes the output's name
+                index, name = graph.outputs.index(out), out.name
+                out.name = f"{name}.dequantized"
+                x.name = name
+                graph.outputs[index] = x
+            else:
+                out.replace_all_uses_with(x)
+            bypassed += 1
     if not bypassed:
         return False
     common.RemoveUnusedNodesPass()(model)
