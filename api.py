@@ -71,10 +71,11 @@ def optimize(
     output = Path(output)
     # Everything that can be checked cheaply is checked before the slow work starts.
     backend = get_backend(ep)
-    if not cross:
+    if not cross and not backend.builds_anywhere:
         backend.require("build on a machine that has it, or here with --cross (checks on the CPU)")
     check_output(output, overwrite)
-    the_recipe = with_layer_removal(apply_overrides(load_recipe(recipe), overrides or {}), remove_layers,
+    lowering = {spec["pass"] for spec in backend.lowering}  # overrides may set their options too
+    the_recipe = with_layer_removal(apply_overrides(load_recipe(recipe), overrides or {}, lowering), remove_layers,
                                     max_ppl_increase)
     the_recipe = with_sparsity(the_recipe, sparsity)
     if kv_scores:
@@ -83,13 +84,14 @@ def optimize(
     the_recipe = with_pass(the_recipe, trim, where="earliest") if trim else the_recipe
     builds = [(the_recipe, Path())]
     if self_draft_layers is not None:
-        base = load_recipe(draft_recipe) if draft_recipe else apply_overrides(load_recipe(recipe), overrides or {})
+        base = load_recipe(draft_recipe) if draft_recipe else apply_overrides(load_recipe(recipe), overrides or {},
+                                                                              lowering)
         base = with_pass(base, trim, where="earliest") if trim else base
         builds.append((with_layer_removal(base, self_draft_layers, None), Path(DRAFT_DIR)))
         if len({json.dumps([p.to_dict() for p in r.passes if p.name == "trim_vocab"]) for r, _ in builds}) > 1:
             raise OnnxlmError("the self-draft must keep the model's vocabulary: its recipe needs the same trim_vocab "
                               "pass (or none in either)")
-    builds = [(with_lowering(r, backend), where) for r, where in builds]
+    builds = [(with_lowering(r, backend, overrides or {}), where) for r, where in builds]
     calibration_text = read_text(Path(calibration) if calibration else CALIBRATION_TEXT)
     if not calibration_text.strip():
         raise OnnxlmError(f"the calibration text {calibration} is empty: lossy passes need it for their PPL report")
@@ -192,16 +194,18 @@ def with_layer_removal(recipe, n: int | None, max_ppl_increase: float | None):
     return recipe.inserting([make_pass(spec)], where="earliest")
 
 
-def with_lowering(recipe, backend):
-    """`recipe` with the backend's lowering passes at its end, order-checked like the recipe's own passes and run
-    by the manager like any other pass."""
+def with_lowering(recipe, backend, overrides: dict[str, dict] | None = None):
+    """`recipe` with the backend's lowering passes at its end (unless it ends with them already, as the static
+    recipes end with static_kv), with their `overrides`, order-checked like the recipe's own passes and run by
+    the manager like any other pass."""
     from onnxlm.passes.recipe import Recipe
     from onnxlm.passes.registry import make_pass
 
-    if not backend.lowering:
-        return recipe
-    return Recipe(recipe.name, recipe.description,
-                  [*recipe.passes, *(make_pass(s) for s in backend.lowering)]).checked()
+    lowering = [s["pass"] for s in backend.lowering]
+    if not lowering or [p.name for p in recipe.passes[-len(lowering):]] == lowering:
+        return recipe  # none, or the recipe already ends with them (the static recipes end with static_kv)
+    extra = [make_pass({**s, **(overrides or {}).get(s["pass"], {})}) for s in backend.lowering]
+    return Recipe(recipe.name, recipe.description, [*recipe.passes, *extra]).checked()
 
 
 def with_pass(recipe, spec: dict, where: str = "latest"):
@@ -214,14 +218,15 @@ def with_pass(recipe, spec: dict, where: str = "latest"):
     return recipe.inserting([make_pass(spec)], where=where)
 
 
-def apply_overrides(recipe, overrides: dict[str, dict]):
-    """A copy of `recipe` with options set on its passes by name; an override for a pass it lacks is an error."""
+def apply_overrides(recipe, overrides: dict[str, dict], elsewhere: set[str] = frozenset()):
+    """A copy of `recipe` with options set on its passes by name; an override for a pass it lacks is an error,
+    unless the pass is one of `elsewhere` (the backend's lowering passes, which take their overrides there)."""
     from onnxlm.passes.recipe import Recipe
     from onnxlm.passes.registry import make_pass
 
     if not overrides:
         return recipe
-    missing = [name for name in overrides if name not in {p.name for p in recipe.passes}]
+    missing = [name for name in overrides if name not in {p.name for p in recipe.passes} | set(elsewhere)]
     if missing:
         raise OnnxlmError(f"recipe '{recipe.name}' has no pass {', '.join(missing)} to take that option")
     passes = [make_pass({**p.to_dict(), **overrides.get(p.name, {})}) for p in recipe.passes]

@@ -1,6 +1,7 @@
 """The artifact on disk: a self-contained directory that plain ONNX Runtime can deploy.
 
     model.onnx, model.onnx.data   the graph; weights as external data
+    prefill.onnx, decode.onnx     static artifacts (static_kv pass): the graph at fixed shapes, same weight file
     tokenizer.json                the `tokenizers` tokenizer, as the source declares it
     tokenizer_config.json         chat template and special tokens
     genai_config.json             what onnxruntime-genai needs to run the artifact without onnxlm (when it can)
@@ -76,6 +77,11 @@ def write_artifact(staging: Path, model, source, recipe, reports, interface, tar
 
     model.producer_name, model.producer_version = "onnxlm", __version__
     ir.save(model, staging / MODEL_FILE, external_data=DATA_FILE)
+    static = static_shape(model)
+    if static:  # the static_kv pass's prefill/decode pair, specialized from model.onnx and sharing its weights
+        from onnxlm.passes.lowering.static import write_pair
+
+        write_pair(staging / MODEL_FILE, static, source.info)
     for relative, graph in (extra_graphs or {}).items():
         path = staging / relative
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,9 +111,18 @@ def write_artifact(staging: Path, model, source, recipe, reports, interface, tar
         "files": files,
         "packages": package_versions(),
         **({"generation": generation} if generation else {}),
+        **({"static": static.to_dict()} if static else {}),
     }
     _write_json(staging / "manifest.json", manifest)
     return Path(staging)
+
+
+def static_shape(model):
+    """The static shape (static_layout.StaticShape) a static_kv pass recorded in the graph, or None."""
+    from onnxlm.static_layout import METADATA_KEY, StaticShape
+
+    recorded = model.metadata_props.get(METADATA_KEY)
+    return StaticShape.from_dict(json.loads(recorded)) if recorded else None
 
 
 def tokenizer_config(source) -> dict:

@@ -89,7 +89,11 @@ def emit(result: dict, as_json: bool, text: str) -> None:
 def check_summary(check: dict) -> str:
     """A pass report's check on one line: the logit bound of a lossless pass, the PPL cost of a lossy one."""
     if check.get("max_abs_logit_diff") is not None and check.get("tolerance") is not None:
-        return f"|dlogit| {check['max_abs_logit_diff']:.2e} <= {check['tolerance']:.2e}"
+        text = f"|dlogit| {check['max_abs_logit_diff']:.2e} <= {check['tolerance']:.2e}"
+        if check.get("static_max_abs_logit_diff") is not None:
+            text += (f"; static prefill/decode vs dynamic |dlogit| {check['static_max_abs_logit_diff']:.2e} <= "
+                     f"{check['static_tolerance']:.2e} over {check['static_tokens_checked']} tokens")
+        return text
     if check.get("ppl_after") is not None and check.get("ppl_before") is not None:
         text = f"PPL {check['ppl_before']:.3f} -> {check['ppl_after']:.3f} on {check.get('ppl_tokens', '?')} " \
                "calibration tokens"
@@ -118,7 +122,8 @@ def optimize(
     output: Annotated[Path, typer.Option("--output", "-o", help="Artifact directory to write.")] = ...,
     recipe: Annotated[str, typer.Option(help="Built-in recipe name (see `onnxlm recipes`) or a recipe .json file.")] = "fp32",
     ep: Annotated[str, typer.Option(help="Execution provider to build for: its lowering passes join the recipe, "
-                                         "and the manifest records it as the artifact's target (cpu | cuda).")] = "cpu",
+                                         "and the manifest records it as the artifact's target (cpu; cuda; openvino, "
+                                         "openvino:GPU, openvino:NPU: static graphs).")] = "cpu",
     cross: Annotated[bool, typer.Option(
         "--cross", help="Build for an --ep this machine cannot run (e.g. cuda on a CPU-only machine): the pass "
                         "manager's checks run on the CPU.")] = False,
@@ -157,6 +162,10 @@ def optimize(
     sparsity: Annotated[Optional[float], typer.Option(
         min=0.0, max=0.83, help="La RoSA: rotate the residual stream (lossless) and keep the top (1 - S) of each "
                                "linear's input per token in decode (0.8 S on rotated inputs, 1.2 S on o/down).")] = None,
+    context_length: Annotated[Optional[int], typer.Option(
+        min=2, help="Static artifacts (recipe static*, --ep openvino): KV cache slots C (default 2048).")] = None,
+    prefill_chunk: Annotated[Optional[int], typer.Option(
+        min=1, help="Static artifacts: tokens per prefill call P (default 128).")] = None,
 ):
     """Export MODEL, run a recipe of passes over it, and write a self-contained artifact to OUTPUT."""
     from onnxlm.api import optimize as run_optimize
@@ -170,6 +179,9 @@ def optimize(
         raise OnnxlmError(f"--exact and --accuracy-level {accuracy_level} disagree")
     if exact or accuracy_level is not None:
         overrides["quant_gguf_exact"] = {"accuracy_level": 0 if exact else accuracy_level}
+    static = {k: v for k, v in (("context_length", context_length), ("prefill_chunk", prefill_chunk)) if v is not None}
+    if static:
+        overrides["static_kv"] = static
     with steps() as say:
         art = run_optimize(model, recipe=recipe, output=output, ep=ep, progress=say, overrides=overrides,
                            calibration=calibration, self_draft_layers=self_draft_layers, draft_recipe=draft_recipe,
@@ -327,7 +339,7 @@ def bench(
                            kv_policy=kv_config(kv_policy, kv_budget, sinks), halt_threshold=halt_threshold,
                            exit_threshold=exit_threshold)
     emit(result, as_json, f"TTFT {result['ttft_s'] * 1000:.1f} ms ({context}-token prompt) | decode "
-                          f"{result['decode_tok_s']:.1f} tok/s | prefill-512 {result['prefill512_s']:.3f} s | "
+                          f"{result['decode_tok_s']:.1f} tok/s | prefill-{result['prefill_tokens']} {result['prefill_s']:.3f} s | "
                           f"{result['threads'] or 'auto'} threads, median of {runs}")
 
 
@@ -360,6 +372,10 @@ def inspect(
     probe = "" if target["probe_providers"] == target["providers"] else \
         f" (its checks ran on {', '.join(target['probe_providers'])}: the target EP was not available)"
     out.print(f"target: {target['ep']} ({', '.join(target['providers'])}, device {target['device']}){probe}")
+    if static := manifest.get("static"):
+        out.print(f"static: {static['prefill']} ({static['prefill_chunk']} tokens) and {static['decode']} (1 token) on "
+                  f"a {static['context_length']}-slot KV cache, run by generate/eval/bench; model.onnx is the dynamic "
+                  f"graph they were specialized from")
     genai = manifest["genai"]
     out.print(f"onnxruntime-genai: {'deployable' if genai['deployable'] else 'not deployable: ' + genai['reason']}")
     interface = Interface.from_dict(manifest["interface"])

@@ -172,6 +172,8 @@ PASS_CHECK = {
     "bytes_before": Opt(NonNegative), "bytes_after": Opt(NonNegative),
     "vocab_before": Opt(NonNegative), "vocab_after": Opt(NonNegative), "kept_ids": Opt([NonNegative]),
     "oov_rate": Opt(float), "token_ratio": Opt(float),
+    "static_max_abs_logit_diff": Opt(float), "static_tolerance": Opt(float), "static_tokens_checked": Opt(NonNegative),
+    "static_qdq_max_abs_logit_diff": Opt(float), "static_qdq_argmax_agreement": Opt(float),
     "accuracy_choice": Opt({"chosen": int, "decode_step_ms": MapOf(float), "calibration_ppl": MapOf(float)}),
 }
 
@@ -209,6 +211,7 @@ MANIFEST = {
     "interface": INTERFACE,
     "target": TARGET,
     "genai": {"deployable": bool, "reason": Opt(str)},
+    "static": Opt({"context_length": int, "prefill_chunk": int, "prefill": str, "decode": str}),
 }
 
 # tokenizer_config.json, in an artifact or a source: only the keys onnxlm reads are checked.

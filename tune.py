@@ -245,7 +245,7 @@ def timed_against(art, reference, runs: int) -> tuple[float, float]:
     for i in range(runs):
         rows = {}
         for a, executor in (pair if i % 2 == 0 else pair[::-1]):
-            rows[id(a)] = (time_generation(executor, short, 64)[1], time_prefill(a.session, long))
+            rows[id(a)] = (time_generation(executor, short, 64)[1], time_prefill(executor, long))
         mine, ref = rows[id(art)], rows[id(reference)]
         decode.append(mine[0] / ref[0])
         prefill.append(ref[1] / mine[1])

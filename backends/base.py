@@ -35,6 +35,10 @@ class Backend:
     # logits stay there): runtime/device_step.py
     device_binding: bool = False
     graph_capture: bool = False  # with device_binding: decode steps may be captured and replayed as device graphs
+    install: str = ""  # how to get the EP, for the error when this onnxruntime lacks it
+    # optimize --ep NAME on a machine without the EP builds anyway, checking on the CPU (the lowering gives plain
+    # ONNX that the CPU EP runs exactly, as the static graphs); otherwise that takes --cross
+    builds_anywhere: bool = False
 
     def missing(self) -> str | None:
         """Why this machine cannot run the EP, in one line that names the missing piece; None when it can."""
@@ -42,7 +46,8 @@ class Backend:
 
         if self.providers[0] in ort.get_available_providers():
             return None
-        return (f"this onnxruntime has no {self.providers[0]} (it has {', '.join(ort.get_available_providers())})")
+        return (f"this onnxruntime has no {self.providers[0]} (it has {', '.join(ort.get_available_providers())})"
+                + (f"; {self.install}" if self.install else ""))
 
     def available(self) -> bool:
         """Whether this machine can run the EP (its onnxruntime build has it, and what it needs is present)."""
@@ -72,15 +77,18 @@ class Backend:
         return list(self.provider_options) or None
 
     def session(self, path: Path, threads: int | None = None, profile: bool = False, spinning: bool = True,
-                decoder: bool = False):
+                decoder: bool = False, as_written: bool = False):
         """An InferenceSession of the graph at `path` on this EP; one-line error when ORT refuses it, or when it
-        silently fell back to another provider (ORT does that when an EP's libraries fail to load)."""
+        silently fell back to another provider (ORT does that when an EP's libraries fail to load). `as_written`:
+        ORT's basic graph optimizations only, none of its EP-specific fusions (which may change the numerics)."""
         import onnxruntime as ort
 
         self.require()
         try:
-            session = ort.InferenceSession(str(path), sess_options=self.session_options(threads, profile, spinning),
-                                           providers=list(self.providers),
+            options = self.session_options(threads, profile, spinning)
+            if as_written:
+                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            session = ort.InferenceSession(str(path), sess_options=options, providers=list(self.providers),
                                            provider_options=self.session_provider_options(decoder))
         except Exception as exc:
             raise OnnxlmError(f"ONNX Runtime cannot load {path}: {first_line(exc)}") from None

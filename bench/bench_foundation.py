@@ -103,7 +103,7 @@ def main() -> None:
     for i in range(args.runs):  # round-robin, so drift on a shared machine hits both sides alike
         t, d = time_generation(executor, short, NEW_TOKENS)
         rows["onnxlm"]["ttft"].append(t), rows["onnxlm"]["decode"].append(d)
-        rows["onnxlm"]["prefill"].append(time_prefill(art.session, long))
+        rows["onnxlm"]["prefill"].append(time_prefill(executor, long))
         t, d = hf_generation(hf, short)
         rows["transformers"]["ttft"].append(t), rows["transformers"]["decode"].append(d)
         rows["transformers"]["prefill"].append(hf_prefill(hf, long))

@@ -117,8 +117,9 @@ def onnxlm_timing(art, short: list[int], long: list[int]) -> tuple[float, float,
     from onnxlm.runtime.bench import NEW_TOKENS, time_generation, time_prefill
     from onnxlm.runtime.decoding import executor_for
 
-    ttft, decode = time_generation(executor_for(art.session), short, NEW_TOKENS)
-    return ttft, decode, time_prefill(art.session, long)
+    executor = executor_for(art.session)
+    ttft, decode = time_generation(executor, short, NEW_TOKENS)
+    return ttft, decode, time_prefill(executor, long)
 
 
 def genai_timing(model, short: list[int], long: list[int]) -> tuple[float, float, float]:

@@ -87,7 +87,7 @@ class NoOptions:
 
 class Pass:
     """Base class. Subclasses set `name`, `Options` (a dataclass), `lossless` and their graph forms (`requires`,
-    `provides`, `removes`), and implement `run`."""
+    `provides`, `removes`, `excludes`), and implement `run`."""
 
     name: ClassVar[str]
     Options: ClassVar[type] = NoOptions
@@ -100,6 +100,7 @@ class Pass:
     requires: ClassVar[tuple[str, ...]] = ()
     provides: ClassVar[tuple[str, ...]] = ()
     removes: ClassVar[tuple[str, ...]] = ()
+    excludes: ClassVar[tuple[str, ...]] = ()  # forms the pass cannot take (static_kv: GroupQueryAttention)
 
     def __init__(self, **options: Any):
         self.options = parse_options(self.name, self.Options, options)

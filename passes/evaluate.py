@@ -102,8 +102,9 @@ def session_perplexity(session, info: ModelInfo, ids: list[int], window: int = 5
     return perplexity(windows_of(ids, window), window_logits)["ppl"]
 
 
-def open_session(path, threads: int | None = None, backend=None):
-    """A plain session for the manager's checks and the passes' measurements: on `backend`, default the CPU."""
+def open_session(path, threads: int | None = None, backend=None, as_written: bool = False):
+    """A plain session for the manager's checks and the passes' measurements: on `backend`, default the CPU;
+    `as_written`: without ORT's EP-specific fusions (Backend.session)."""
     from onnxlm.backends import CPU
 
-    return (backend or CPU).session(path, threads)
+    return (backend or CPU).session(path, threads, as_written=as_written)

@@ -85,7 +85,7 @@ def run_pipeline(
                      "max_abs_logit_diff": diff, **ctx.metrics}
         if p.lossless:
             bound = p.atol + p.rtol * float(np.abs(reference).max())
-            check = {"max_abs_logit_diff": diff, "tolerance": bound}
+            check = {"max_abs_logit_diff": diff, "tolerance": bound, **ctx.metrics}  # and what the pass checked
             if not diff <= bound:
                 raise OnnxlmError(
                     f"pass '{p.name}' should be lossless but moved the logits by {diff:.3g} (> {bound:.3g})"

@@ -79,7 +79,13 @@ def order_error(passes: list[Pass]) -> str | None:
     """Why `passes` cannot run in this order on the exporter's graph (INITIAL_FORM), or None if they can."""
     forms = set(INITIAL_FORM)
     ended: dict[str, tuple[int, str]] = {}  # form -> (step, pass) that ended it
+    made: dict[str, tuple[int, str]] = {}  # form -> (step, pass) that made it
     for step, p in enumerate(passes, 1):
+        clash = [form for form in p.excludes if form in forms]
+        if clash:
+            made_at, by = made.get(clash[0], (0, "the exporter"))
+            return (f"pass '{p.name}' at step {step} cannot take {GRAPH_FORMS[clash[0]]}, which '{by}' at step "
+                    f"{made_at} made")
         missing = [form for form in p.requires if form not in forms]
         if missing:
             form = missing[0]
@@ -93,6 +99,7 @@ def order_error(passes: list[Pass]) -> str | None:
         forms.difference_update(p.removes)
         forms.update(p.provides)
         ended.update({form: (step, p.name) for form in p.removes})
+        made.update({form: (step, p.name) for form in p.provides})
     return None
 
 

@@ -20,10 +20,12 @@ from onnxlm.passes.lowering.ort_fusions import (
     FuseSkipRmsNorm,
 )
 from onnxlm.passes.lowering.pack_matmuls import PackGateUp, PackQKV
+from onnxlm.passes.lowering.static import StaticKV
 from onnxlm.passes.quant.dynamic_int8 import QuantDynamicInt8
 from onnxlm.passes.quant.float16 import ConvertFloat16
 from onnxlm.passes.quant.gguf_exact import GgufExact
 from onnxlm.passes.quant.nested import QuantNested
+from onnxlm.passes.quant.qdq import QuantQdq
 from onnxlm.passes.quant.tied_embedding import ShareTiedEmbedding
 from onnxlm.passes.quant.weight_only import QuantWeightOnly
 from onnxlm.passes.trim_vocab import TrimVocab
@@ -41,6 +43,7 @@ PASSES: dict[str, type[Pass]] = {
         ExposeAttention,
         LogitsToKeep,
         DecodeShapes,
+        StaticKV,
         RemoveLayers,
         QuickSilverHalting,
         EarlyExit,
@@ -50,6 +53,7 @@ PASSES: dict[str, type[Pass]] = {
         GgufExact,
         QuantDynamicInt8,
         QuantNested,
+        QuantQdq,
         ShareTiedEmbedding,
         TrimVocab,
         ConvertFloat16,

@@ -5,15 +5,15 @@ Definitions (shared with bench/, so numbers from both sides compare):
   argmax). The KV cache is allocated before the clock starts, as onnxruntime-genai allocates its buffers when
   a generator is made.
 - decode_tok_s: 128 new tokens after that prompt; (128 - 1) / (time of token 128 - time of token 1).
-- prefill512_s: one forward pass over a 512-token prompt from an empty cache.
+- prefill_s: the prefill of a 512-token prompt from an empty cache (prefill_tokens; fewer on a static artifact
+  whose cache holds fewer), as a generation runs it (one forward pass; a static artifact's P-token chunks);
+  prefill512_s repeats it when it is 512 tokens.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-
-import numpy as np
 
 from onnxlm.errors import OnnxlmError
 from onnxlm.runtime.decoding import executor_for
@@ -53,10 +53,12 @@ def time_generation(executor: Executor, prompt: list[int], new_tokens: int) -> t
     return first - start, (new_tokens - 1) / (last - first)
 
 
-def time_prefill(model: DecoderSession, prompt: list[int]) -> float:
-    cache = model.new_cache(capacity=len(prompt))
+def time_prefill(executor: Executor, prompt: list[int]) -> float:
+    """Seconds of one prefill of `prompt` from an empty cache on `executor`, as a generation's prefill runs (a
+    static artifact: its P-token chunks); the cache is allocated before the clock."""
+    executor.begin(len(prompt))
     start = time.perf_counter()
-    model.step(np.asarray([prompt], np.int64), cache, last_only=True)  # as a generation's prefill runs
+    executor.prefill(prompt)
     return time.perf_counter() - start
 
 
@@ -66,27 +68,32 @@ PROMPT_TOKENS, NEW_TOKENS, PREFILL_TOKENS = 32, 128, 512
 def bench(model: DecoderSession, tokenizer, runs: int = 5, on_run=None, context: int = PROMPT_TOKENS,
           kv_policy: KVPolicyConfig | None = None, halt_threshold: float | None = None,
           exits: tuple | None = None) -> dict:
-    limit = model.info.context_length
-    if context + NEW_TOKENS > limit and (kv_policy is None or kv_policy.name == "full"):
-        raise OnnxlmError(f"--context {context} + {NEW_TOKENS} timed tokens exceed the model's context length {limit}")
-    if PREFILL_TOKENS > limit:
-        raise OnnxlmError(f"the {PREFILL_TOKENS}-token prefill exceeds the model's context length {limit}")
-    short, long = bench_prompt(tokenizer, context), bench_prompt(tokenizer, PREFILL_TOKENS)
     segments, threshold = exits or (None, None)
     executor = executor_for(model, kv_policy, halt_threshold, threshold, segments)
+    limit = executor.max_tokens()  # the context length; a static artifact's cache slots
+    if context + NEW_TOKENS > limit and (kv_policy is None or kv_policy.name == "full"):
+        slots = " (the static KV cache's slots)" if limit != model.info.context_length else ""
+        raise OnnxlmError(f"--context {context} + {NEW_TOKENS} timed tokens exceed the context length {limit}{slots}")
+    if PREFILL_TOKENS > model.info.context_length:
+        raise OnnxlmError(f"the {PREFILL_TOKENS}-token prefill exceeds the model's context length "
+                          f"{model.info.context_length}")
+    prefill_tokens = min(PREFILL_TOKENS, limit)  # a static cache smaller than 512 slots: as many as it holds
+    short, long = bench_prompt(tokenizer, context), bench_prompt(tokenizer, prefill_tokens)
     time_generation(executor, short, 4)  # warm-up: first-run allocations
     ttft, decode, prefill_s = [], [], []
     for i in range(runs):
         t, d = time_generation(executor, short, NEW_TOKENS)
         ttft.append(t)
         decode.append(d)
-        prefill_s.append(time_prefill(model, long))
+        prefill_s.append(time_prefill(executor, long))
         if on_run:
             on_run(i + 1, runs)
     return {
         "ttft_s": statistics.median(ttft),
         "decode_tok_s": statistics.median(decode),
-        "prefill512_s": statistics.median(prefill_s),
+        "prefill_s": statistics.median(prefill_s),
+        "prefill_tokens": prefill_tokens,
+        **({"prefill512_s": statistics.median(prefill_s)} if prefill_tokens == PREFILL_TOKENS else {}),
         "runs": runs,
         "threads": model.threads,
         "context": context,

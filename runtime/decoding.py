@@ -21,6 +21,7 @@ from onnxlm.runtime.kv_policy import KVPolicyConfig
 from onnxlm.runtime.sampling import Sampler, SamplingConfig
 from onnxlm.runtime.session import DecoderSession
 from onnxlm.runtime.speculative import ModelDrafter, PromptLookup, SpeculativeStats, speculative_generate
+from onnxlm.runtime.static import Static, is_static
 
 MODES = ("greedy", "sample", "beam", "speculative")
 
@@ -120,6 +121,11 @@ def executor_for(model: DecoderSession, kv_policy: KVPolicyConfig | None = None,
     under an evicting `kv_policy`, or on the full cache (token halting at `halt_threshold` on a quicksilver
     artifact, the prompt in chunks of `chunk_size`, from its longest prefix in `prefix_cache`)."""
     evicting = kv_policy is not None and kv_policy.name != "full"
+    if is_static(model):
+        if exit_threshold is not None or halt_threshold is not None or chunk_size is not None or prefix_cache:
+            raise OnnxlmError("a static artifact runs its own P-token prefill chunks and C-slot cache: no early "
+                              "exit, token halting, --chunk-size or prefix reuse")
+        return Static(model, kv_policy)
     if exit_threshold is not None:
         if halt_threshold is not None or evicting:
             raise OnnxlmError("early exit does not combine with token halting or an evicting KV policy")

@@ -8,9 +8,9 @@ An executor runs one sequence against its own cache:
   decode step at a time (perplexity.py);
 - `report()`: what the run measured beyond the logits (halting, eviction, exits), summed over its caches.
 
-Three executors: `Plain` (the full cache, with the step extensions' cache options such as halt_threshold, and
-Sarathi-style chunked prefill), `bounded_cache.Bounded` (a KV policy keeps the cache within a budget) and
-`early_exit.EarlyExit`. Greedy, sampled decoding and perplexity run on any of them; decoding.executor_for
+Four executors: `Plain` (the full cache, with the step extensions' cache options such as halt_threshold, and
+Sarathi-style chunked prefill), `bounded_cache.Bounded` (a KV policy keeps the cache within a budget),
+`early_exit.EarlyExit` and `static.Static` (a static artifact's prefill/decode graphs on a C-slot cache). Greedy, sampled decoding and perplexity run on any of them; decoding.executor_for
 picks one.
 """
 
@@ -58,6 +58,10 @@ class Executor:
 
     def first_block(self, n: int) -> int:
         return n
+
+    def max_tokens(self) -> int:
+        """Most positions one sequence may hold on the full cache: the model's context length."""
+        return self.model.info.context_length
 
     def _fold(self) -> None:
         """Add the last cache's counts to the run's totals."""

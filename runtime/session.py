@@ -84,6 +84,9 @@ class DecoderSession:
         self.info = ModelInfo.from_dict(self.manifest["model"])
         self.backend = get_backend(ep or self.manifest["target"]["ep"])  # default: the artifact's target
         self.threads = threads  # None: ORT picks the count (physical cores) and pins the threads
+        self._options, self._session = (profile, spinning), None
+        self.kv_input_names = self._ordered_kv("past_key_values.{}.{}")
+        self.kv_output_names = self._ordered_kv("present.{}.{}")
         self.shared_kv = shares_kv_buffer(self.manifest.get("op_histogram", {}), self.info.num_layers)
         self.interface = Interface.from_dict(self.manifest["interface"])
         self.extensions = [EXTENSIONS[f](self.interface.of(f), self.info) for f in self.interface.features
@@ -95,27 +98,35 @@ class DecoderSession:
         self.captures = (self.backend.device_binding and self.backend.graph_capture and self.shared_kv
                          and self.hot and self.interface.has(DECODE_SHAPES))
         self.capture_refused = None  # why ORT would not capture this graph's decode steps, if it refused
-        try:
-            self.session = self.backend.session(self.directory / MODEL_FILE, threads, profile, spinning,
-                                                decoder=self.captures)
-        except OnnxlmError as exc:  # ORT refuses capture when it placed nodes off the device: run uncaptured
-            if not self.captures or "graph capture" not in str(exc):
-                raise
-            self.captures, self.capture_refused = False, str(exc)
-            self.session = self.backend.session(self.directory / MODEL_FILE, threads, profile, spinning)
-        self.kv_dtype = kv_dtype(self.session)  # float16 after convert_float16
-        self.logits_dtype = FLOAT_TYPES.get(next(o.type for o in self.session.get_outputs() if o.name == "logits"),
-                                            np.float32)
+        self.kv_dtype, self.logits_dtype = np.float32, np.float32  # read from the graph when it opens
         self._argmax = None  # DeviceArgmax, made on first use
         self._captured_buffers: dict[int, tuple] = {}  # batch -> (KV values, arrays, DeviceFeeds) a graph reads
         self.device_rows = DeviceRows(self.backend)  # beam reordering of a cache on a device (lazy)
-        self.input_names = {i.name for i in self.session.get_inputs()}
-        graph_layers = sum(1 for name in self.input_names if name.startswith("past_key_values."))
-        if graph_layers != 2 * self.info.num_layers:
-            raise OnnxlmError(f"{self.directory}: the manifest says {self.info.num_layers} layers but the graph has "
-                              f"KV inputs for {graph_layers // 2}")
-        self.kv_input_names = self._ordered_kv("past_key_values.{}.{}")
-        self.kv_output_names = self._ordered_kv("present.{}.{}")
+        if "static" not in self.manifest:  # a static artifact runs prefill.onnx/decode.onnx (runtime/static.py):
+            self.session  # noqa: B018  (its dynamic model.onnx opens when stepped; it may not compile on an NPU)
+
+    @property
+    def session(self):
+        """The ORT session of model.onnx, opened on first use; its KV inputs must match the manifest's layers."""
+        if self._session is None:
+            path, (profile, spinning) = self.directory / MODEL_FILE, self._options
+            try:
+                session = self.backend.session(path, self.threads, profile, spinning, decoder=self.captures)
+            except OnnxlmError as exc:  # ORT refuses capture when it placed nodes off the device: run uncaptured
+                if not self.captures or "graph capture" not in str(exc):
+                    raise
+                self.captures, self.capture_refused = False, str(exc)
+                session = self.backend.session(path, self.threads, profile, spinning)
+            self.kv_dtype = kv_dtype(session)  # float16 after convert_float16
+            self.logits_dtype = FLOAT_TYPES.get(next(o.type for o in session.get_outputs() if o.name == "logits"),
+                                                np.float32)
+            self.input_names = {i.name for i in session.get_inputs()}
+            graph_layers = sum(1 for name in self.input_names if name.startswith("past_key_values."))
+            if graph_layers != 2 * self.info.num_layers:
+                raise OnnxlmError(f"{self.directory}: the manifest says {self.info.num_layers} layers but the graph "
+                                  f"has KV inputs for {graph_layers // 2}")
+            self._session = session
+        return self._session
 
     def _ordered_kv(self, fmt: str) -> list[str]:
         return [fmt.format(i, kind) for i in range(self.info.num_layers) for kind in ("key", "value")]

@@ -54,8 +54,9 @@ def test_recipes_lists_the_builtins(capsys):
     code, out, _ = run_cli(capsys, "recipes")
     names = [line.split()[0] for line in out.splitlines()]
     assert code == 0 and names == ["early-exit", "fp16", "fp32", "fp32-plain", "int4", "int4-calibrated",
-                                   "int4-cuda", "int4-fast", "int4-rtn", "int8", "int8-dynamic", "larosa-rotate", "larosa-s25", "larosa-s40",
-                                   "lowered", "nested", "quicksilver"]
+                                   "int4-cuda", "int4-fast", "int4-rtn", "int8", "int8-dynamic", "larosa-rotate",
+                                   "larosa-s25", "larosa-s40", "lowered", "nested", "quicksilver", "static",
+                                   "static-int4", "static-qdq"]
 
 
 def test_help_describes_every_command(capsys):

@@ -89,15 +89,24 @@ PASSES_BEFORE_EXTENDS = {
                            "lm_head_bits": 8}, SHARE, KEEP],
     "quicksilver": [*LOWERING, {"pass": "quicksilver_halting", "min_layer": 4}, KEEP],
 }
+# Recipes on the portable graph (no lowering to ORT's ops), added after `extends`: they extend nothing.
+STATIC = {"pass": "static_kv", "context_length": 2048, "prefill_chunk": 128}
+PORTABLE = {
+    "static": [{"pass": "cleanup"}, STATIC],
+    "static-qdq": [{"pass": "cleanup"}, {"pass": "quant_qdq", "activations": "uint16", "weights": "uint8",
+                                         "per_channel": True}, STATIC],
+    "static-int4": [{"pass": "cleanup"}, {"pass": "quant_weight_only", "bits": 4, "block_size": 128,
+                                          "symmetric": True, "accuracy_level": 0, "format": "qdq"}, STATIC],
+}
 
 
 def test_builtin_recipes_extend_the_lowering_and_keep_their_passes():
-    assert set(builtin_recipes()) == {*PASSES_BEFORE_EXTENDS, "lowered"}
+    assert set(builtin_recipes()) == {*PASSES_BEFORE_EXTENDS, *PORTABLE, "lowered"}
     assert load_recipe("lowered").to_dict()["passes"] == [make_pass(s).to_dict() for s in LOWERING]
-    for name, specs in PASSES_BEFORE_EXTENDS.items():
+    for name, specs in {**PASSES_BEFORE_EXTENDS, **PORTABLE}.items():
         assert load_recipe(name).to_dict()["passes"] == [make_pass(s).to_dict() for s in specs], name
         written = json.loads((BUILTIN_DIR / f"{name}.json").read_text())
-        assert written.get("extends") == (None if name == "fp32-plain" else "lowered"), name
+        assert written.get("extends") == (None if name == "fp32-plain" or name in PORTABLE else "lowered"), name
 
 
 def test_a_recipe_file_extends_a_builtin(tmp_path):
@@ -188,7 +197,8 @@ def test_the_rewriters_keep_the_orders_they_had_by_name():
         assert names(with_layer_removal(recipe, 1, None)) == [*before[:at], "remove_layers", *before[at:]]
         if "topk_sparsify" not in before:
             at = next((i for i, n in enumerate(before)
-                       if n.startswith(("quant_", "share_tied_embedding", "logits_to_keep"))), len(before))
+                       if n.startswith(("quant_", "share_tied_embedding", "logits_to_keep", "static_kv"))),
+                      len(before))
             added = ["rotate_residual"] * ("rotate_residual" not in before) + ["topk_sparsify"]
             assert names(with_sparsity(recipe, 0.3)) == [*before[:at], *added, *before[at:]]
         if "fuse_gqa" in before:

@@ -42,6 +42,7 @@ class WeightOnlyOptions:
     lm_head: bool = True  # quantize the (untied) LM head too
     calibration_samples: int = 8  # gptq: windows of calibration_window tokens from the calibration text
     calibration_window: int = 128
+    format: str = "nbits"  # nbits: com.microsoft.MatMulNBits; qdq: a blocked DequantizeLinear + MatMul (NPU EPs)
 
 
 class CalibrationReader:
@@ -133,6 +134,9 @@ class QuantWeightOnly(Pass):
             raise OnnxlmError(f"quant_weight_only: method must be rtn or gptq, got {o.method!r}")
         if o.method == "gptq" and o.bits != 4:
             raise OnnxlmError("quant_weight_only: ORT's GPTQ quantizes to 4 bits only")
+        if o.format not in ("nbits", "qdq") or (o.format == "qdq" and o.method != "rtn"):
+            raise OnnxlmError(f"quant_weight_only: format must be nbits, or qdq with method rtn; got {o.format!r} "
+                              f"with {o.method}")
 
     def check_fits(self, info) -> None:
         # A block wider than every layer only pads rows with zeros (K is padded to a multiple of the block).
@@ -144,6 +148,7 @@ class QuantWeightOnly(Pass):
 
     def run(self, model, ctx: PassContext):
         import onnx_ir as ir
+        from onnxruntime.quantization import QuantFormat
         from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
         OnlyTheseQuantizer = _only_these_quantizer()
@@ -168,6 +173,11 @@ class QuantWeightOnly(Pass):
             config = mnq.DefaultWeightOnlyQuantConfig(
                 block_size=o.block_size, is_symmetric=o.symmetric, accuracy_level=o.accuracy_level, bits=o.bits,
                 op_types_to_quantize=("MatMul",))
+        if o.format == "qdq":
+            from onnxlm.passes.quant.qdq import raise_opset
+
+            raise_opset(model)  # blocked 4-bit DequantizeLinear is standard from opset 21
+            config.quant_format = QuantFormat.QDQ
         others = [n.name for n in model.graph if n.name not in set(names)]  # ORT would take every MatMul
         proto = ir.to_proto(model)
         if o.method == "gptq":
@@ -176,7 +186,8 @@ class QuantWeightOnly(Pass):
             proto.graph.input.extend(kept)
         quantizer = OnlyTheseQuantizer(
             proto, bits=o.bits, block_size=o.block_size, is_symmetric=o.symmetric,
-            accuracy_level=o.accuracy_level, nodes_to_include=names, nodes_to_exclude=others, algo_config=config)
+            accuracy_level=o.accuracy_level, nodes_to_include=names, nodes_to_exclude=others, algo_config=config,
+            quant_format=QuantFormat.QDQ if o.format == "qdq" else QuantFormat.QOperator)
         quantizer.process()
         inputs = list(model.graph.inputs)
         replace_graph(model, ir.from_proto(quantizer.model.model))
@@ -185,7 +196,14 @@ class QuantWeightOnly(Pass):
             if value.name not in present:
                 model.graph.inputs.insert(index, ir.Value(name=value.name, type=value.type, shape=value.shape))
         drop_unused(model)
-        done = sum(1 for n in model.graph if n.op_type == "MatMulNBits")
-        weight_report(ctx, nbits_pairs(model.graph, originals), model.graph, size_before)
+        if o.format == "qdq":
+            from onnxlm.passes.quant.qdq import qdq_pairs
+
+            pairs = qdq_pairs(model.graph, originals)
+            done = len(pairs)
+        else:
+            pairs = nbits_pairs(model.graph, originals)
+            done = sum(1 for n in model.graph if n.op_type == "MatMulNBits")
+        weight_report(ctx, pairs, model.graph, size_before)
         notes = [] if done == len(targets) else [f"{len(targets) - done} of {len(targets)} linears left in float"]
-        return done > 0, {"matmul_nbits": done}, notes
+        return done > 0, {"dequantize_linear" if o.format == "qdq" else "matmul_nbits": done}, notes
