@@ -14,7 +14,8 @@ import onnxlm
 
 # variant (tests/tiny_families.py), GGUF architecture, shape: transformers' qwen3 GGUF loader does not read the
 # head size (it keeps Qwen3's 128, as every Qwen3 has)
-GGUF_FAMILIES = [("llama", "llama", {}), ("qwen3", "qwen3", {"head_dim": 128}), ("phi3", "phi3", {}), ("gemma2-softcap", "gemma2", {}),
+GGUF_FAMILIES = [("llama", "llama", {}), ("qwen2-untied", "qwen2", {}),
+                 ("qwen3", "qwen3", {"head_dim": 128}), ("phi3", "phi3", {}), ("gemma2-softcap", "gemma2", {}),
                  ("gemma3-text", "gemma3", {})]
 
 

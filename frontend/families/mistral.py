@@ -2,4 +2,4 @@
 
 from onnxlm.frontend.families.base import Family
 
-FAMILY = Family("mistral", qkv_bias="never", windows="all", gguf="mistral")
+FAMILY = Family("mistral", qkv_bias="never", windows="all")  # llama.cpp writes Mistral GGUFs as llama
