@@ -79,11 +79,10 @@ def run_pipeline(
         logits, ppl_after = check_graph(model, ctx, ctx.calibration_ids if scored else None)
         # the probe's logit drift (None when the pass changed the vocabulary: trim_vocab)
         diff = float(np.abs(logits - reference).max()) if logits.shape == reference.shape else None
-        check = {}
         if not p.lossless:  # its cost: the PPL and the probe's logit drift
             check = {"ppl_before": ppl, "ppl_after": ppl_after, "ppl_tokens": len(ctx.calibration_ids),
                      "max_abs_logit_diff": diff, **ctx.metrics}
-        if p.lossless:
+        else:
             bound = p.atol + p.rtol * float(np.abs(reference).max())
             check = {"max_abs_logit_diff": diff, "tolerance": bound, **ctx.metrics}  # and what the pass checked
             if not diff <= bound:
