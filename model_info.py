@@ -61,6 +61,8 @@ class ModelInfo:
         family = dict(self.family)
         if "rope" in family and "layers" in family["rope"]:
             family["rope"] = {**family["rope"], "layers": [family["rope"]["layers"][i] for i in kept]}
+        if family.get("moe"):
+            family["moe"] = {**family["moe"], "layers": [family["moe"]["layers"][i] for i in kept]}
         windows = [self.layer_windows[i] for i in kept] if self.layer_windows else []
         return dataclasses.replace(self, num_layers=len(kept), layer_windows=windows, family=family)
 

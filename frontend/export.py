@@ -19,6 +19,7 @@ import logging
 import warnings
 
 from onnxlm.errors import OnnxlmError, first_line
+from onnxlm.frontend.moe import onnx_translations, sparse_blocks_as_moe_ops
 from onnxlm.model_info import ModelInfo
 
 OPSET = 20
@@ -80,7 +81,8 @@ def export_decoder(model, info: ModelInfo):
     input_names, output_names = io_names(info.num_layers)
     # The exporter logs a warning per torchvision op it cannot register; we export no vision ops.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with warnings.catch_warnings(), torch.no_grad():
+    family = info.family or {}
+    with warnings.catch_warnings(), torch.no_grad(), sparse_blocks_as_moe_ops(model, family):
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
@@ -92,6 +94,7 @@ def export_decoder(model, info: ModelInfo):
                 input_names=input_names,
                 output_names=output_names,
                 dynamic_shapes=dynamic_shapes,
+                custom_translation_table=onnx_translations() if family.get("moe") else None,
                 verbose=False,
             )
         except Exception as exc:

@@ -259,7 +259,7 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(f"fuzz: {sum(fuzz.CASES.values())} cases tried ({per_target})")
 
 
-ARCH_COLUMNS = ("fp32 parity", "greedy 32", "fused ops", "left unfused", "int4-rtn", "genai", "GGUF")
+ARCH_COLUMNS = ("fp32 parity", "greedy 32", "fused ops", "left unfused", "int4-rtn", "remove 1 + h2o", "genai", "GGUF")
 
 
 def pytest_sessionfinish(session):

@@ -154,11 +154,34 @@ def test_description_agrees_with_transformers_modules(family_builds, variant):
                or 0 for a in attn]
     assert windows == (info.layer_windows or [0] * info.num_layers)
     assert [bool(getattr(a, "use_rope", True)) for a in attn] == info.family["rope"]["layers"]
-    assert [a.scaling for a in attn] == pytest.approx([info.family["attention_scale"]] * info.num_layers)
+    # (Qwen2-MoE's attention, an older module, has no `scaling` and divides by sqrt(head_dim))
+    assert [getattr(a, "scaling", a.head_dim ** -0.5) for a in attn] == pytest.approx(
+        [info.family["attention_scale"]] * info.num_layers)
+    moe = info.family["moe"]
+    blocks = [getattr(layer, moe["module"][0] if moe else "mlp") for layer in m.model.layers]
+    assert [len(getattr(b, "experts", ())) for b in blocks] == [
+        moe["experts"] if moe and sparse else 0 for sparse in (moe["layers"] if moe else [False] * len(blocks))]
     assert [getattr(a, "attn_logit_softcapping", None) or 0.0 for a in attn] == [
         info.family["attention_softcap"]] * info.num_layers
     assert (getattr(m.config, "final_logit_softcapping", None) or 0.0) == info.family["final_softcap"]
     assert info.family["tied_head"] == (m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr())
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_remove_layers_and_a_kv_policy_run(family_builds, tmp_path, variant):
+    """`--remove-layers 1 --kv-scores`, then h2o past its budget: one layer left, and 32 tokens generated while
+    the cache evicts (h2o keeps original positions, so it runs whatever the family's RoPE)."""
+    import onnxlm
+    from onnxlm.runtime.kv_policy import KVPolicyConfig
+
+    checkpoint, _, _ = family_builds
+    art = onnxlm.optimize(str(checkpoint(variant)), recipe="fp32", output=tmp_path / "a", remove_layers=1,
+                          kv_scores=True)
+    policy = KVPolicyConfig("h2o", budget=40)
+    tokens = list(art.generate_ids(prompt(PREFILL), max_new_tokens=GREEDY, ignore_eos=True,
+                                   decoding=Decoding(kv_policy=policy)))
+    record(variant, "remove 1 + h2o", "runs" if len(tokens) == GREEDY else "**fails**")
+    assert art.info.num_layers == 1 and len(tokens) == GREEDY
 
 
 def test_gemma2_soft_capping_bites(family_builds):
@@ -238,3 +261,97 @@ def test_remove_layers_on_a_scaled_embedding(family_builds, tmp_path):
         reference.config.num_hidden_layers = len(layers)
     ours = art.session.step(np.asarray([ids]), art.session.new_cache(capacity=16))[0]
     assert art.info.num_layers == 1 and np.abs(ours - expected).max() <= 1e-4
+
+
+MOE_VARIANTS = [v for v, (model_type, _) in VARIANTS.items() if model_type.endswith("moe") or model_type == "mixtral"]
+
+
+@pytest.mark.parametrize("variant", MOE_VARIANTS)
+def test_moe_blocks_export_as_one_moe_op_each(family_builds, variant):
+    """Each sparse layer is one com.microsoft.MoE (the dense ones stay plain MLPs), its router a float Gemm; the
+    op's torch reference, on the stacked weights, computes what transformers' expert loop does."""
+    import torch
+
+    from onnxlm.frontend import moe as moe_export
+
+    _, model, artifact = family_builds
+    art = artifact(variant, "fp32")
+    spec = art.info.family["moe"]
+    ops = art.manifest["op_histogram"]
+    assert ops["com.microsoft::MoE"] == sum(spec["layers"]) and ops.get("Gemm", 0) >= sum(spec["layers"])
+    m = model(variant)
+    layer = next(i for i, sparse in enumerate(spec["layers"]) if sparse)
+    block = getattr(m.model.layers[layer], spec["module"][0])
+    x = torch.randn(1, 16, m.config.hidden_size)
+    with torch.no_grad():
+        expected, _ = block(x)
+        with moe_export.sparse_blocks_as_moe_ops(m, art.info.family):
+            ours, _ = block(x)
+        restored, _ = block(x)
+    assert torch.allclose(ours, expected, atol=1e-5) and torch.equal(restored, expected)
+    assert not hasattr(block, "moe_fc1")
+
+
+@pytest.mark.parametrize("variant", MOE_VARIANTS)
+def test_int4_rtn_quantizes_the_experts_with_qmoe(family_builds, variant):
+    """`int4-rtn` turns each MoE whose routing renormalizes into a QMoE (symmetric 4-bit codes, blocks of 32), and
+    one such node computes what the MoE does with the dequantized weights (the codes and scales read back as ORT
+    reads them). A MoE that does not renormalize keeps float experts, and the pass says why."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from onnxlm.passes.quant.moe_experts import quantize_experts
+
+    _, _, artifact = family_builds
+    art = artifact(variant, "int4-rtn")
+    spec = art.info.family["moe"]
+    report = next(p for p in art.manifest["passes"] if p["name"] == "quant_weight_only")
+    ops = art.manifest["op_histogram"]
+    if not spec["normalize"]:
+        assert ops["com.microsoft::MoE"] == sum(spec["layers"]) and "qmoe" not in report["matched"]
+        assert any("ORT's CPU QMoE always does" in n for n in report["notes"])
+        return
+    assert report["matched"]["qmoe"] == ops["com.microsoft::QMoE"] == sum(spec["layers"])
+    assert "com.microsoft::MoE" not in ops
+    fp32 = ir.load(artifact(variant, "fp32").directory / "model.onnx")
+    ir.external_data.load_to_model(fp32)
+    node = next(n for n in fp32.graph if n.op_type == "MoE")
+    rng = np.random.default_rng(0)
+    w1, w2 = node.inputs[2].const_value.numpy() * 50, node.inputs[4].const_value.numpy() * 50  # outputs ~1e3
+    x = rng.standard_normal((12, w1.shape[2])).astype(np.float32)
+    logits = rng.standard_normal((12, w1.shape[0])).astype(np.float32) * 3
+    pairs, _ = quantize_experts(quantized := one_node_model(node, (w1, w2)), 4, 32)
+    reference = one_node_model(node, [dq for _, dq in pairs])
+    run = [ort.InferenceSession(ir.to_proto(g).SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x, "router": logits})[0] for g in (one_node_model(node, (w1, w2)), quantized, reference)]
+    scale = np.abs(run[0]).max()
+    assert np.abs(run[1] - run[2]).max() <= 1e-5 * scale < 1e-3 * scale < np.abs(run[0] - run[1]).max()
+
+
+def one_node_model(node, weights=None):
+    """A graph of one copy of the MoE `node` (its attributes and expert weights, or `weights` in their place)
+    over inputs x [tokens, hidden] and router [tokens, experts]."""
+    import onnx_ir as ir
+
+    w1, w2 = weights or (node.inputs[2].const_value.numpy(), node.inputs[4].const_value.numpy())
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["n", w1.shape[2]]))
+    router = ir.Value(name="router", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["n", w1.shape[0]]))
+    fc1 = ir.Value(name="fc1", const_value=ir.tensor(w1), type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(w1.shape))
+    fc2 = ir.Value(name="fc2", const_value=ir.tensor(w2), type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(w2.shape))
+    copy = ir.Node("com.microsoft", "MoE", [x, router, fc1, None, fc2], attributes=list(node.attributes.values()),
+                   name="moe", num_outputs=1)
+    copy.outputs[0].name = "y"
+    graph = ir.Graph([x, router], copy.outputs, nodes=[copy], initializers=[fc1, fc2],
+                     opset_imports={"": 20, "com.microsoft": 1})
+    return ir.Model(graph, ir_version=10)
+
+
+def test_la_rosa_refuses_a_mixture_of_experts(family_builds, capsys, tmp_path):
+    from cli_helpers import run_cli
+
+    checkpoint, _, _ = family_builds
+    code, _, err = run_cli(capsys, "optimize", str(checkpoint("mixtral")), "-o", str(tmp_path / "a"), "--recipe",
+                           "larosa-s25")
+    assert code == 2 and err.strip().splitlines() == [
+        "error: rotate_residual: La RoSA rewrites dense MLPs, and this mixtral model's MLPs are mixtures of experts"]
+    assert not (tmp_path / "a").exists()

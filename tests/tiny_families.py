@@ -32,6 +32,15 @@ VARIANTS = {
                             "logits_scaling": 8.0}),
     "olmo2": ("olmo2", {"pad_token_id": 0, "tie_word_embeddings": False}),
     "smollm3": ("smollm3", {"pad_token_id": 0, "no_rope_layer_interval": 2}),
+    # Mixtures of experts: 8 experts, 2 per token, so that a 16-token prompt routes tokens apart; the routers are
+    # initialized wide (initializer_range) so that their choices are not near-ties that rounding could flip.
+    "qwen2-moe": ("qwen2_moe", {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                "shared_expert_intermediate_size": 96, "decoder_sparse_step": 1,
+                                "tie_word_embeddings": False}),
+    "qwen3-moe-normed": ("qwen3_moe", {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                       "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [0]}),
+    "mixtral": ("mixtral", {"num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": 8,
+                            "tie_word_embeddings": False}),
 }
 
 

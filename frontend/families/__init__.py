@@ -7,13 +7,14 @@
 from __future__ import annotations
 
 from onnxlm.errors import OnnxlmError
-from onnxlm.frontend.families import (gemma, gemma2, gemma3_text, granite, llama, mistral, olmo2, phi3, qwen2,
-                                      qwen3, smollm3)
+from onnxlm.frontend.families import (gemma, gemma2, gemma3_text, granite, llama, mistral, mixtral, olmo2, phi3,
+                                      qwen2, qwen2_moe, qwen3, qwen3_moe, smollm3)
 from onnxlm.frontend.families.base import (Family, attention_implementation, config_fields_missing, describe,
                                            layer_windows, rope_type)
 
 FAMILIES: dict[str, Family] = {m.FAMILY.name: m.FAMILY for m in (
-    llama, mistral, qwen2, qwen3, phi3, granite, olmo2, smollm3, gemma, gemma2, gemma3_text)}
+    llama, mistral, qwen2, qwen3, phi3, granite, olmo2, smollm3, gemma, gemma2, gemma3_text, qwen2_moe, qwen3_moe,
+    mixtral)}
 
 __all__ = ["FAMILIES", "Family", "attention_implementation", "check_config", "describe", "family_for", "layer_windows"]
 

@@ -53,6 +53,15 @@ class Family:
     gguf: str = ""  # the GGUF general.architecture onnxlm reads this family from ("": none); transformers'
     # GGUF loader builds the model, so only the architectures it reads can be listed
     genai_type: str = ""  # onnxruntime-genai's model.type for it ("": the name)
+    # Mixture of experts (a sparse MLP block replaces the MLP on the layers `moe_layers` selects):
+    moe_experts: str = ""  # the config field with the number of routed experts ("": every MLP is dense)
+    moe_top_k: str = "num_experts_per_tok"  # the config field with the experts each token is routed to
+    moe_normalize: str = "always"  # renormalize the top-k routing weights: "always" or a config field
+    moe_shared_expert: str = ""  # a config field with a shared expert's size ("": none); its output is gated
+    # by sigmoid(x @ w) and added to the routed experts' (Qwen2-MoE)
+    moe_layers: str = "all"  # "all" | "sparse_step" (every config.decoder_sparse_step-th, minus mlp_only_layers)
+    moe_module: tuple[str, str, str, str] = ("mlp", "gate_proj", "up_proj", "down_proj")  # the block's attribute
+    # on a transformers decoder layer and its experts' gate, up and down linears (export.py rewrites the block)
 
 
 def config_fields_missing(family: Family, config_json: dict) -> list[str]:
@@ -115,6 +124,27 @@ def _layer_windows(family: Family, config: Any) -> list[int]:
     return [window if t == "sliding_attention" else 0 for t in types]
 
 
+def moe_of(family: Family, config: Any) -> dict | None:
+    """The family's mixture of experts with this config's values, or None for a dense MLP."""
+    experts = int(_field(config, family.moe_experts, 0) or 0)
+    if not experts:
+        return None
+    layers = config.num_hidden_layers
+    if family.moe_layers == "sparse_step":
+        step, dense = int(config.decoder_sparse_step), set(getattr(config, "mlp_only_layers", None) or ())
+        sparse = [i not in dense and (i + 1) % step == 0 for i in range(layers)]
+    else:
+        sparse = [True] * layers
+    return {
+        "experts": experts,
+        "top_k": int(getattr(config, family.moe_top_k)),
+        "normalize": _flag(family.moe_normalize, config),
+        "shared_expert": bool(_field(config, family.moe_shared_expert, 0)),
+        "layers": sparse,
+        "module": list(family.moe_module),
+    }
+
+
 def rope_of(family: Family, config: Any, head_dim: int) -> dict:
     scaling = getattr(config, "rope_scaling", None) or {}
     kind = rope_type(family, scaling)
@@ -167,5 +197,6 @@ def _describe(family: Family, config: Any) -> dict:
         "final_softcap": float(_field(config, family.final_softcap, 0.0) or 0.0),
         "rope": rope_of(family, config, head_dim),
         "tied_head": bool(getattr(config, "tie_word_embeddings", False)),
+        "moe": moe_of(family, config),
         "genai_type": family.genai_type or family.name,
     }

@@ -26,7 +26,7 @@ from onnxlm.errors import OnnxlmError
 from onnxlm.passes.base import FLOAT_WEIGHTS, FOLDED, PLAIN, UNSLICED_HEAD, Pass, PassContext
 from onnxlm.passes.constants import add_initializer
 from onnxlm.passes.larosa.calibrate import rotation, second_moments
-from onnxlm.passes.larosa.structure import Decoder, Norm, constant_matmul_weight, find_decoder
+from onnxlm.passes.larosa.structure import Decoder, Norm, constant_matmul_weight, find_decoder, refuse_experts
 
 
 @dataclasses.dataclass
@@ -46,6 +46,9 @@ class RotateResidual(Pass):
             raise OnnxlmError("rotate_residual needs calibration_tokens >= 16")
         if not self.options.damping > 0:
             raise OnnxlmError("rotate_residual needs damping > 0")
+
+    def check_fits(self, info) -> None:
+        refuse_experts(info, self.name)
 
     def run(self, model, ctx: PassContext):
         import onnx_ir.passes.common as common

@@ -29,7 +29,7 @@ from onnxlm.errors import OnnxlmError
 from onnxlm.interface import Port
 from onnxlm.passes.base import FLOAT_WEIGHTS, FOLDED, UNSLICED_HEAD, Pass, PassContext
 from onnxlm.passes.constants import add_initializer, add_overridable_input
-from onnxlm.passes.larosa.structure import constant_matmul_weight, find_decoder
+from onnxlm.passes.larosa.structure import constant_matmul_weight, find_decoder, refuse_experts
 
 SWITCH = "sparsify_all_positions"
 ROTATED_SHARE, PLAIN_SHARE = 0.8, 1.2  # of s: the rotated block inputs / the o_proj and down_proj inputs
@@ -60,6 +60,9 @@ class TopkSparsify(Pass):
         s = self.options.sparsity
         if not 0 < s < 1 / PLAIN_SHARE:
             raise OnnxlmError(f"topk_sparsify sparsity must be in (0, {1 / PLAIN_SHARE:.3f}), got {s}")
+
+    def check_fits(self, info) -> None:
+        refuse_experts(info, self.name)
 
     def run(self, model, ctx: PassContext):
         graph = model.graph

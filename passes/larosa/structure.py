@@ -52,6 +52,14 @@ class Decoder:
     head: object  # MatMul(normed, W) or MatMul(normed, Transpose(table)) -> logits
 
 
+def refuse_experts(info, pass_name: str) -> None:
+    """La RoSA rotates and sparsifies dense MLPs (gate/up/down linears on one normed input); a mixture of experts'
+    MoE node holds its experts' weights inside one op, which neither pass rewrites."""
+    if (info.family or {}).get("moe"):
+        raise OnnxlmError(f"{pass_name}: La RoSA rewrites dense MLPs, and this {info.architecture} model's MLPs are "
+                          "mixtures of experts")
+
+
 def constant_matmul_weight(node):
     """The [K, N] numpy weight of MatMul(x, W) with W a constant (or Transpose of one, the tied head)."""
     if node is None or node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):

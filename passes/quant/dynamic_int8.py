@@ -97,4 +97,6 @@ class QuantDynamicInt8(Pass):
         drop_unused(model)
         done = sum(1 for n in model.graph if n.op_type == "MatMulInteger")
         weight_report(ctx, int8_pairs(model.graph, originals), model.graph, size_before)
-        return done > 0, {"matmul_integer": done, "kept_float": len(linears(model.graph))}, []
+        experts = sum(1 for n in model.graph if n.op_type == "MoE")
+        notes = [f"{experts} mixture-of-experts nodes left in float: ORT has no dynamic int8 MoE"] if experts else []
+        return done > 0, {"matmul_integer": done, "kept_float": len(linears(model.graph))}, notes

@@ -6,8 +6,9 @@ Uses ONNX Runtime's own quantizer (onnxruntime.quantization.matmul_nbits_quantiz
   activations of the calibration text (4 bits only in ORT).
 Input: any decoder graph whose linears are MatMul with constant weights (lowered or plain). The tied LM head is
 untied first (the embedding Gather keeps the float table) unless lm_head=false, which keeps the head in float.
-Guarantees: each linear becomes one MatMulNBits with the chosen bits/block/symmetry/accuracy_level; nothing else
-changes. Lossy: the manager reports the PPL cost; the pass reports the weight error and the sizes.
+Guarantees: each linear becomes one MatMulNBits with the chosen bits/block/symmetry/accuracy_level, and each
+mixture of experts' com.microsoft.MoE a QMoE with symmetric weights of the same bits (moe_experts.py); nothing
+else changes (the routers stay float: they export as Gemm). Lossy: the manager reports the PPL cost; the pass reports the weight error and the sizes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 
 from onnxlm.errors import OnnxlmError
 from onnxlm.passes.base import FLOAT_WEIGHTS, FOLDED, Pass, PassContext
+from onnxlm.passes.quant.moe_experts import quantize_experts
 from onnxlm.passes.quant.linears import (
     dequantized_matmul_nbits,
     drop_unused,
@@ -158,8 +160,10 @@ class QuantWeightOnly(Pass):
         if o.lm_head:
             untie_lm_head(model.graph)
         targets = [n for n in linears(model.graph) if o.lm_head or not is_lm_head(n)]
+        experts, expert_notes = quantize_experts(model, o.bits, o.block_size) if o.format == "nbits" else ([], [])
         if not targets:
-            return False, {}, ["no linear MatMul with a constant weight"]
+            return bool(experts), {"qmoe": len(experts) // 2} if experts else {}, [
+                "no linear MatMul with a constant weight", *expert_notes]
         originals = {n.outputs[0].name: linear_weight(n) for n in targets}
         names = [n.name for n in targets]
         unused = [v for v in model.graph.inputs if not v.uses()]  # e.g. attention_mask beside GroupQueryAttention
@@ -204,6 +208,15 @@ class QuantWeightOnly(Pass):
         else:
             pairs = nbits_pairs(model.graph, originals)
             done = sum(1 for n in model.graph if n.op_type == "MatMulNBits")
-        weight_report(ctx, pairs, model.graph, size_before)
+        weight_report(ctx, pairs + experts, model.graph, size_before)
         notes = [] if done == len(targets) else [f"{len(targets) - done} of {len(targets)} linears left in float"]
-        return done > 0, {"dequantize_linear" if o.format == "qdq" else "matmul_nbits": done}, notes
+        notes += expert_notes
+        moe = sum(1 for n in model.graph if n.op_type in ("MoE", "QMoE"))
+        if moe and o.format == "qdq":
+            notes.append(f"{moe} mixture-of-experts nodes left in float: the QDQ form has no MoE op")
+        elif experts and not o.symmetric:
+            notes.append("the experts' weights are symmetric: QMoE takes no zero points")
+        matched = {"dequantize_linear" if o.format == "qdq" else "matmul_nbits": done}
+        if experts:
+            matched["qmoe"] = len(experts) // 2
+        return done > 0, matched, notes
