@@ -109,6 +109,25 @@ def gguf_tokenizer(converted, meta: dict):
     return Tokenizer.from_str(json.dumps(spec))
 
 
+# Header keys transformers' GGUF loader (4.57) does not read for the mixture-of-experts architectures, and the config
+# fields they set; without them it builds the model with its config class's default expert sizes.
+MOE_KEYS = {"expert_feed_forward_length": "moe_intermediate_size",
+            "expert_shared_feed_forward_length": "shared_expert_intermediate_size",
+            "expert_weights_norm": "norm_topk_prob"}
+
+
+def config_from_gguf(path: Path, meta: dict):
+    """transformers' config for the file, with the expert keys it leaves out read from the header."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    arch = meta["general.architecture"]
+    for key, field in MOE_KEYS.items():
+        if f"{arch}.{key}" in meta and hasattr(config, field):
+            setattr(config, field, type(getattr(config, field))(meta[f"{arch}.{key}"]))
+    return config
+
+
 def load_gguf(path: Path) -> Source:
     meta = read_gguf_metadata(path)
     family_for(meta.get("general.architecture"), gguf=True)
@@ -121,7 +140,7 @@ def load_gguf(path: Path) -> Source:
         # transformers draws a tqdm bar of its own while dequantizing; onnxlm shows its own progress.
         with contextlib.redirect_stderr(io.StringIO()):
             model = transformers.AutoModelForCausalLM.from_pretrained(
-                path.parent, gguf_file=path.name, dtype=torch.float32
+                path.parent, gguf_file=path.name, dtype=torch.float32, config=config_from_gguf(path, meta)
             )
         hf_tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as exc:

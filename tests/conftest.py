@@ -109,6 +109,25 @@ KQUANT_LAYOUT = {"token_embd": "Q6_K", "attn_v": "Q6_K", "ffn_down": "Q6_K",
                  "blk.1.ffn_gate": "Q5_1", "blk.1.ffn_up": "Q4_0"}
 
 
+def stacked_experts(tensors: dict) -> dict:
+    """`...mlp.experts.{e}.{proj}.weight` -> one `...mlp.experts.{proj}.weight` [experts, out, in], as llama.cpp's
+    converter stores a mixture of experts (gguf-py names the stacked tensor)."""
+    import re
+
+    import numpy as np
+
+    out, groups = {}, {}
+    for key, value in tensors.items():
+        match = re.fullmatch(r"(.*\.mlp\.experts)\.(\d+)\.(\w+\.weight)", key)
+        if match:
+            groups.setdefault(f"{match[1]}.{match[3]}", {})[int(match[2])] = value
+        else:
+            out[key] = value
+    for key, experts in groups.items():
+        out[key] = np.stack([experts[e] for e in sorted(experts)])
+    return out
+
+
 def write_tiny_gguf(hf: Path, path: Path, quantized: bool = False, kquants: bool = False,
                     arch: str = "llama") -> Path:
     """A tiny checkpoint as a GGUF file the way llama.cpp's converter lays one out (gguf-py's tensor names, the
@@ -121,6 +140,8 @@ def write_tiny_gguf(hf: Path, path: Path, quantized: bool = False, kquants: bool
     from safetensors.numpy import load_file
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
+    from onnxlm.frontend.load_gguf import MOE_KEYS
+
     config = json.loads((hf / "config.json").read_text())
     tok = json.loads((hf / "tokenizer.json").read_text())
     vocab = tok["model"]["vocab"]
@@ -128,11 +149,15 @@ def write_tiny_gguf(hf: Path, path: Path, quantized: bool = False, kquants: bool
     specials = {a["content"] for a in tok["added_tokens"]}
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
     w = gguf.GGUFWriter(str(path), arch)
-    for key, field in GGUF_CONFIG_MAPPING[arch].items():
+    header = {**GGUF_CONFIG_MAPPING[{"qwen3moe": "qwen3_moe"}.get(arch, arch)], **MOE_KEYS}
+    for key, field in header.items():
         value = config.get(field) if field else None
-        if isinstance(value, bool) or value is None:
+        if value is None:
             continue
-        (w.add_uint32 if isinstance(value, int) else w.add_float32)(f"{arch}.{key}", value)
+        if isinstance(value, bool):
+            w.add_bool(f"{arch}.{key}", value)
+        else:
+            (w.add_uint32 if isinstance(value, int) else w.add_float32)(f"{arch}.{key}", value)
     if arch.startswith("gemma"):  # transformers reads Gemma's GGUF tokenizer as SentencePiece's (pieces, scores)
         tokens[:4] = ["<pad>", "<bos>", "<eos>", "<unk>"]  # the special pieces it expects (ids as in the config)
         specials |= set(tokens[:4])
@@ -151,20 +176,22 @@ def write_tiny_gguf(hf: Path, path: Path, quantized: bool = False, kquants: bool
         w.add_pad_token_id(config["pad_token_id"])
     names = gguf.get_tensor_name_map(next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch),
                                      config["num_hidden_layers"])
-    for key, value in sorted(load_file(str(hf / "model.safetensors")).items()):
+    for key, value in sorted(stacked_experts(load_file(str(hf / "model.safetensors"))).items()):
         if key == "lm_head.weight" and config.get("tie_word_embeddings", True):
             continue
         name = names.get_name(key, try_suffixes=(".weight", ".bias")).removesuffix(".weight").removesuffix(".bias")
         value = np.ascontiguousarray(value, np.float32)
+        if name.endswith("ffn_gate_inp_shexp"):  # llama.cpp stores the shared expert's gate as a vector
+            value = value.reshape(-1)
         if arch.startswith("gemma") and key.endswith("norm.weight"):
             value = value + 1  # llama.cpp stores Gemma's (1 + w) norms as they multiply
-        if kquants and value.ndim == 2:
+        if kquants and value.ndim == 2:  # (experts' 3-d tensors stay float)
             part = name.split(".")[-1] if name.startswith("blk.") else name
             qtype = KQUANT_LAYOUT.get(name, KQUANT_LAYOUT.get(part))
             raw = random_blocks(qtype, *value.shape, np.random.default_rng(len(name) * 7919 + value.size))
             w.add_tensor(f"{name}.weight", raw, raw_dtype=gguf.GGMLQuantizationType[qtype])
             continue
-        qtype = None if not quantized or value.ndim != 2 else (
+        qtype = None if not quantized or value.ndim < 2 else (
             gguf.GGMLQuantizationType.Q8_0 if name == "token_embd" else gguf.GGMLQuantizationType.Q4_1)
         suffix = ".bias" if key.endswith(".bias") else ".weight"
         if qtype is None:
@@ -259,7 +286,8 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(f"fuzz: {sum(fuzz.CASES.values())} cases tried ({per_target})")
 
 
-ARCH_COLUMNS = ("fp32 parity", "greedy 32", "fused ops", "left unfused", "int4-rtn", "remove 1 + h2o", "genai", "GGUF")
+ARCH_COLUMNS = ("fp32 parity", "greedy 32", "fused ops", "left unfused", "int4-rtn", "remove 1 + h2o", "speculative",
+                "genai", "GGUF")
 
 
 def pytest_sessionfinish(session):

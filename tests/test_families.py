@@ -168,6 +168,20 @@ def test_description_agrees_with_transformers_modules(family_builds, variant):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
+def test_speculative_decoding_keeps_greedy_tokens(family_builds, variant):
+    """Prompt-lookup speculative decoding verifies its drafts with the model: the same 32 tokens as greedy. The
+    prompt repeats itself, so that drafts are proposed and accepted."""
+    _, _, artifact = family_builds
+    art = artifact(variant, "fp32")
+    ids = prompt(8) * 3
+    greedy = list(art.generate_ids(ids, max_new_tokens=GREEDY, ignore_eos=True, decoding=Decoding()))
+    drafted = list(art.generate_ids(ids, max_new_tokens=GREEDY, ignore_eos=True,
+                                    decoding=Decoding("speculative", prompt_lookup=True)))
+    record(variant, "speculative", "same tokens" if drafted == greedy else "**differs**")
+    assert drafted == greedy
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_remove_layers_and_a_kv_policy_run(family_builds, tmp_path, variant):
     """`--remove-layers 1 --kv-scores`, then h2o past its budget: one layer left, and 32 tokens generated while
     the cache evicts (h2o keeps original positions, so it runs whatever the family's RoPE)."""

@@ -5,4 +5,4 @@ from onnxlm.frontend.families.base import Family
 
 FAMILY = Family("qwen3_moe", qk_norm="head", moe_experts="num_experts", moe_normalize="norm_topk_prob",
                 moe_layers="sparse_step", required=("num_experts", "num_experts_per_tok", "moe_intermediate_size"),
-                genai_type="qwen3")
+                gguf="qwen3moe", genai_type="qwen3")

@@ -170,6 +170,11 @@ class GgufExact(Pass):
                             "offsets_centred": centred})
         notes = [f"{len(skipped)} linears have no exact GGUF blocks and stay float: {', '.join(skipped[:4])}"
                  ] if skipped else []
+        experts = sum(1 for n in graph if n.op_type == "MoE")
+        ctx.metrics["moe_not_imported"] = experts
+        if experts:  # a MoE node holds every expert's weights in one tensor, which QMoE's layout cannot take exactly
+            notes.append(f"{experts} mixture-of-experts nodes are not imported from their blocks: a later "
+                         "quant_weight_only requantizes them (QMoE, symmetric)")
         return bool(counts), {f"matmul_nbits_{k.lower()}": v for k, v in counts.items()}, notes
 
     def convert(self, graph, x, name, first, codes, scales, offsets):
