@@ -493,6 +493,51 @@ def tune(
     out.print(f"best: {json.dumps(result['best'].picks)} -> {output / 'best_recipe.json'}, {output / 'best'}")
 
 
+@app.command(name="tune-session")
+def tune_session(
+    directory: Annotated[Path, typer.Argument(help="Artifact directory (CPU target).")],
+    runs: Annotated[int, typer.Option(min=1, help="Timing rounds, round-robin over every candidate.")] = 5,
+    threads: Annotated[Optional[list[int]], typer.Option(
+        "--threads", min=1, help="Intra-op thread counts to try (repeat; default: 1, 2, 4, ... and every core).")] = None,
+    objective: Annotated[str, typer.Option(help="decode (tok/s) or prefill (512 tokens).")] = "decode",
+    min_gain: Annotated[float, typer.Option(
+        help="Record the fastest options only when they beat ORT's defaults by this many percent (else the "
+             "defaults).")] = 2.0,
+    write: Annotated[bool, typer.Option("--write/--dry-run", help="Record the choice in DIR/manifest.json, or only "
+                                                                  "print the table.")] = True,
+    clear: Annotated[bool, typer.Option(help="Remove the recorded options and measure nothing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+):
+    """Measure ORT session options on this machine (intra-op threads, spinning, thread pinning, parallel
+    execution) round-robin on the artifact's decode steps and prefill, and record the fastest in its manifest.
+    `load`, generate, eval, bench and serve then apply them on a machine with the same CPU model and core count
+    (elsewhere they are ignored, with one warning); --threads on those commands overrides them."""
+    from onnxlm.tune_session import record
+    from onnxlm.tune_session import tune_session as measure
+
+    if clear:
+        record(directory, None)
+        err.print(f"removed the recorded session options from {directory / 'manifest.json'}")
+        return
+    with steps() as say:
+        result = measure(directory, runs, threads, objective, min_gain, write, say=say)
+    machine, chosen = result["machine"], result["chosen"]
+    if as_json:
+        out.print_json(json.dumps({"machine": machine, "chosen": chosen.settings.to_dict(),
+                                   "rows": [r.to_dict() for r in result["rows"]], "recorded": write}))
+        return
+    table = Table("threads", "spinning", "pinning", "execution", "decode tok/s", "x default", "prefill ms",
+                  "x default", title=f"{machine['cpu']}, {machine['cores']} cores; medians of {runs} round-robin rounds")
+    for r in result["rows"]:
+        s = r.settings
+        table.add_row(str(s.threads or "default") + (" (chosen)" if r is chosen else ""), "yes" if s.spinning else "no",
+                      s.pinning, f"parallel, {s.inter_op_threads or 'default'} inter-op" if s.parallel else "sequential",
+                      f"{r.decode_tok_s:.1f}", f"{r.decode_x:.3f}", f"{r.prefill_s * 1000:.1f}", f"{r.prefill_x:.3f}")
+    out.print(table)
+    where = f"recorded in {directory / 'manifest.json'}" if write else "not recorded (--dry-run)"
+    out.print(f"chosen: {chosen.settings.label()}; {where}")
+
+
 @app.command()
 def recipes():
     """List the built-in recipes."""
