@@ -456,7 +456,12 @@ def tune(
     max_ppl_increase: Annotated[float, typer.Option(help="PPL budget, percent over the reference recipe, on the calibration text.")] = 2.0,
     objective: Annotated[Optional[list[str]], typer.Option(help="decode | prefill | size; repeat for a Pareto search (NSGA-II).")] = None,
     trials: Annotated[int, typer.Option(min=1, help="Trials to run (a second run into DIR resumes the study).")] = 20,
-    space: Annotated[Optional[Path], typer.Option(help="Search space JSON (default: quantization x layer removal).")] = None,
+    time_budget: Annotated[Optional[float], typer.Option(
+        help="Seconds: no trial starts after this (Optuna's timeout; the clock starts after the reference is built "
+             "and scored, and the running trial finishes).")] = None,
+    space: Annotated[Optional[Path], typer.Option(
+        help='Search space JSON (default: quantization x layer removal). A dimension {"name": "session", "session": '
+             '"auto"} also searches the ORT session options (as tune-session), recorded in best/.')] = None,
     calibration: Annotated[Optional[Path], typer.Option(
         help="UTF-8 text for the PPL budget and the trials' builds (calibrating passes, trim_vocab's default corpus; "
              "default: onnxlm's).")] = None,
@@ -479,14 +484,14 @@ def tune(
     text = read_text(calibration) if calibration else None
     with steps() as say:
         result = run_tune(model, output, objective or ["decode"], max_ppl_increase, trials, the_space, text, runs,
-                          threads, say=say, ray_address=ray, concurrency=concurrency)
+                          threads, say=say, ray_address=ray, concurrency=concurrency, time_budget=time_budget)
     table = Table("trial", "picks", "state", "decode x", "prefill x", "PPL +%", "MB", title="trials")
     for t in result["trials"]:
         table.add_row(str(t.number), json.dumps(t.picks), t.state + (f": {t.reason}" if t.reason else ""),
                       f"{t.decode:.2f}", f"{t.prefill:.2f}", f"{t.ppl_increase:+.2f}", f"{t.size / 1e6:.1f}")
     out.print(table)
     for note in result["notes"]:
-        err.print(note)
+        err.print(note, markup=False)
     if result["best"] is None:
         err.print(f"no trial met the budget of +{max_ppl_increase}% PPL; see {output / 'trials.csv'}")
         raise typer.Exit(1)
