@@ -22,7 +22,9 @@ artifact byte for byte through `onnxlm optimize --recipe`, with `--calibration D
 search had its own text), best/ (that artifact), pareto.json, pareto.png (PPL against decode speed, point area =
 size; needs matplotlib, the `onnxlm[tune]` extra), trials.csv, study.db (Optuna's storage: a second run resumes),
 cache/ and graphs/. With `--ray local|ADDRESS` the trials run as Ray tasks (ray_trials), Optuna staying on the
-driver. Not built yet: session tuning and --time-budget (issue 23).
+driver. A "session" dimension ({"name": "session", "session": {choice: {option: value}}} or "auto") times each
+trial's artifact with those ORT session options (tune_session.py); best/'s manifest records the best trial's.
+`time_budget` is Optuna's timeout: no trial starts after it.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """`onnxlm tune-session`: measure ORT's session options for one artifact on this machine and record the fastest.
 
-After the work on thread-to-core allocation (SMT ARM), DVFS governors and heterogeneous scheduling: how many
-intra-op threads, whether idle workers spin (a spinning core keeps its clock up and wakes at once; a sleeping one
-may be clocked down by the governor), where the workers are pinned (none, one per logical CPU in order, one per
-physical core before SMT siblings), and sequential or parallel (inter-op) execution. The answer depends on the
+After issue 23's references on thread-to-core allocation (SMT ARM), DVFS governors and heterogeneous scheduling,
+the knobs ORT exposes: how many intra-op threads, whether idle workers spin (a spinning worker wakes at once and
+keeps its core busy, which may also keep a DVFS governor from clocking it down), where the workers are pinned
+(none, one per logical CPU in order, one per physical core before SMT siblings), and sequential or parallel
+(inter-op) execution. The answer depends on the
 machine, so it is measured there: every candidate (`candidates`) is loaded at once and timed round-robin in the
 same process (each round starts one candidate later), decode tok/s and a 512-token prefill, medians of the
 per-round ratios to ORT's defaults (the first candidate). The fastest on the objective is recorded in the
