@@ -372,6 +372,13 @@ def inspect(
     probe = "" if target["probe_providers"] == target["providers"] else \
         f" (its checks ran on {', '.join(target['probe_providers'])}: the target EP was not available)"
     out.print(f"target: {target['ep']} ({', '.join(target['providers'])}, device {target['device']}){probe}")
+    if "session" in manifest:
+        from onnxlm.backends.base import SessionSettings
+
+        session, machine = manifest["session"], manifest["session"]["machine"]
+        out.print(f"session options: {SessionSettings.from_dict(session['options']).label()} (measured on "
+                  f"{machine['cpu']}, {machine['cores']} cores; {len(session.get('measured', []))} candidates)",
+                  markup=False)
     if static := manifest.get("static"):
         out.print(f"static: {static['prefill']} ({static['prefill_chunk']} tokens) and {static['decode']} (1 token) on "
                   f"a {static['context_length']}-slot KV cache, run by generate/eval/bench; model.onnx is the dynamic "
