@@ -84,9 +84,6 @@ def measure(directory: Path, settings: list[SessionSettings], runs: int = 5,
                           f"{free / 2**30:.1f} GiB available: measure fewer thread counts (--threads)")
     say(f"loading {len(settings)} sessions")
     arts = [onnxlm.load(directory, session=s) for s in settings]
-    if arts[0].session.backend.name != "cpu":
-        raise OnnxlmError(f"session tuning measures the CPU EP's threads; {directory} runs on "
-                          f"{arts[0].session.backend.name}")
     short = bench_prompt(arts[0].tokenizer, PROMPT_TOKENS)
     long = bench_prompt(arts[0].tokenizer, min(PREFILL_TOKENS, arts[0].info.context_length))
     executors = [executor_for(a.session) for a in arts]
@@ -152,7 +149,9 @@ def tune_session(directory: Path, runs: int = 5, threads: list[int] | None = Non
         raise OnnxlmError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective}")
     if not (min_gain >= 0) or min_gain == float("inf"):
         raise OnnxlmError(f"--min-gain must be a percentage >= 0, got {min_gain}")
-    read_manifest(directory)  # an artifact, or one line
+    target = read_manifest(directory)["target"]["ep"]  # an artifact, or one line
+    if target != "cpu":
+        raise OnnxlmError(f"session tuning measures the CPU EP's threads; {directory} targets {target}")
     rows = measure(Path(directory), candidates(threads), runs, say)
     chosen = choose(rows, objective, min_gain)
     if write:
