@@ -340,7 +340,7 @@ def bench(
                            exit_threshold=exit_threshold)
     emit(result, as_json, f"TTFT {result['ttft_s'] * 1000:.1f} ms ({context}-token prompt) | decode "
                           f"{result['decode_tok_s']:.1f} tok/s | prefill-{result['prefill_tokens']} {result['prefill_s']:.3f} s | "
-                          f"{result['threads'] or 'auto'} threads, median of {runs}")
+                          f"{art.session.settings.label()}, median of {runs}")
 
 
 @app.command()
