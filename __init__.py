@@ -3,6 +3,6 @@
 __version__ = "0.1.0"
 
 from onnxlm.errors import OnnxlmError
-from onnxlm.api import Artifact, load, optimize
+from onnxlm.api import Artifact, SessionSettings, load, optimize
 
-__all__ = ["Artifact", "OnnxlmError", "__version__", "load", "optimize"]
+__all__ = ["Artifact", "OnnxlmError", "SessionSettings", "__version__", "load", "optimize"]

@@ -11,6 +11,7 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from onnxlm.backends.base import SessionSettings
 from onnxlm.errors import OnnxlmError
 from onnxlm.schema import read_text
 
@@ -233,23 +234,26 @@ def apply_overrides(recipe, overrides: dict[str, dict], elsewhere: set[str] = fr
     return Recipe(recipe.name, recipe.description, passes)
 
 
-def load(directory: str | Path, threads: int | None = None, ep: str | None = None, spinning: bool = True
-         ) -> Artifact:
+def load(directory: str | Path, threads: int | None = None, ep: str | None = None, spinning: bool = True,
+         session: SessionSettings | None = None) -> Artifact:
     """An artifact ready to decode, on execution provider `ep` (default: the one it was built for, its manifest's
-    target). spinning=False for sessions that take turns on the same cores (a speculative target and its draft
-    model): ORT's idle workers would otherwise spin against the working session."""
-    return Artifact(Path(directory), threads=threads, ep=ep, spinning=spinning)
+    target). It runs with the session options `onnxlm tune-session` recorded for this machine (same CPU model and
+    core count), unless `threads` or `session` (backends.base.SessionSettings) are given: they replace them.
+    spinning=False for sessions that take turns on the same cores (a speculative target and its draft model):
+    ORT's idle workers would otherwise spin against the working session."""
+    return Artifact(Path(directory), threads=threads, ep=ep, spinning=spinning, session=session)
 
 
 class Artifact:
     """A written artifact, loaded for decoding: generate, perplexity, bench."""
 
-    def __init__(self, directory: Path, threads: int | None = None, ep: str | None = None, spinning: bool = True):
+    def __init__(self, directory: Path, threads: int | None = None, ep: str | None = None, spinning: bool = True,
+                 session: SessionSettings | None = None):
         from onnxlm.runtime.session import DecoderSession
         from onnxlm.runtime.tokenizer import TextTokenizer
 
         self.directory = directory
-        self.session = DecoderSession(directory, threads=threads, ep=ep, spinning=spinning)
+        self.session = DecoderSession(directory, threads=threads, ep=ep, spinning=spinning, session=session)
         self.manifest = self.session.manifest
         self.info = self.session.info
         self.tokenizer = TextTokenizer(directory, self.info)
@@ -316,7 +320,7 @@ class Artifact:
         if not path.is_dir():
             raise OnnxlmError(f"{self.directory} has no {DRAFT_DIR}/ to self-draft with: build it with "
                               f"`onnxlm optimize ... --self-draft-layers N`")
-        return load(path, threads=self.session.threads, ep=self.session.backend.name, spinning=spinning)
+        return load(path, ep=self.session.backend.name, spinning=spinning, session=self.session.settings)
 
     def generate(self, prompt: str, max_new_tokens: int = 128, stream: bool = False, chat: bool = True,
                  decoding=None, draft: Artifact | None = None, stop: Sequence[str] = (), stats=None):

@@ -340,7 +340,7 @@ def bench(
                            exit_threshold=exit_threshold)
     emit(result, as_json, f"TTFT {result['ttft_s'] * 1000:.1f} ms ({context}-token prompt) | decode "
                           f"{result['decode_tok_s']:.1f} tok/s | prefill-{result['prefill_tokens']} {result['prefill_s']:.3f} s | "
-                          f"{result['threads'] or 'auto'} threads, median of {runs}")
+                          f"{art.session.settings.label()}, median of {runs}")
 
 
 @app.command()
@@ -372,6 +372,13 @@ def inspect(
     probe = "" if target["probe_providers"] == target["providers"] else \
         f" (its checks ran on {', '.join(target['probe_providers'])}: the target EP was not available)"
     out.print(f"target: {target['ep']} ({', '.join(target['providers'])}, device {target['device']}){probe}")
+    if "session" in manifest:
+        from onnxlm.backends.base import SessionSettings
+
+        session, machine = manifest["session"], manifest["session"]["machine"]
+        out.print(f"session options: {SessionSettings.from_dict(session['options']).label()} (measured on "
+                  f"{machine['cpu']}, {machine['cores']} cores; {len(session.get('measured', []))} candidates)",
+                  markup=False)
     if static := manifest.get("static"):
         out.print(f"static: {static['prefill']} ({static['prefill_chunk']} tokens) and {static['decode']} (1 token) on "
                   f"a {static['context_length']}-slot KV cache, run by generate/eval/bench; model.onnx is the dynamic "
@@ -456,7 +463,12 @@ def tune(
     max_ppl_increase: Annotated[float, typer.Option(help="PPL budget, percent over the reference recipe, on the calibration text.")] = 2.0,
     objective: Annotated[Optional[list[str]], typer.Option(help="decode | prefill | size; repeat for a Pareto search (NSGA-II).")] = None,
     trials: Annotated[int, typer.Option(min=1, help="Trials to run (a second run into DIR resumes the study).")] = 20,
-    space: Annotated[Optional[Path], typer.Option(help="Search space JSON (default: quantization x layer removal).")] = None,
+    time_budget: Annotated[Optional[float], typer.Option(
+        help="Seconds: no trial starts after this (Optuna's timeout; the clock starts after the reference is built "
+             "and scored, and the running trial finishes).")] = None,
+    space: Annotated[Optional[Path], typer.Option(
+        help='Search space JSON (default: quantization x layer removal). A dimension {"name": "session", "session": '
+             '"auto"} also searches the ORT session options (as tune-session), recorded in best/.')] = None,
     calibration: Annotated[Optional[Path], typer.Option(
         help="UTF-8 text for the PPL budget and the trials' builds (calibrating passes, trim_vocab's default corpus; "
              "default: onnxlm's).")] = None,
@@ -479,18 +491,63 @@ def tune(
     text = read_text(calibration) if calibration else None
     with steps() as say:
         result = run_tune(model, output, objective or ["decode"], max_ppl_increase, trials, the_space, text, runs,
-                          threads, say=say, ray_address=ray, concurrency=concurrency)
+                          threads, say=say, ray_address=ray, concurrency=concurrency, time_budget=time_budget)
     table = Table("trial", "picks", "state", "decode x", "prefill x", "PPL +%", "MB", title="trials")
     for t in result["trials"]:
         table.add_row(str(t.number), json.dumps(t.picks), t.state + (f": {t.reason}" if t.reason else ""),
                       f"{t.decode:.2f}", f"{t.prefill:.2f}", f"{t.ppl_increase:+.2f}", f"{t.size / 1e6:.1f}")
     out.print(table)
     for note in result["notes"]:
-        err.print(note)
+        err.print(note, markup=False)
     if result["best"] is None:
         err.print(f"no trial met the budget of +{max_ppl_increase}% PPL; see {output / 'trials.csv'}")
         raise typer.Exit(1)
     out.print(f"best: {json.dumps(result['best'].picks)} -> {output / 'best_recipe.json'}, {output / 'best'}")
+
+
+@app.command(name="tune-session")
+def tune_session(
+    directory: Annotated[Path, typer.Argument(help="Artifact directory (CPU target).")],
+    runs: Annotated[int, typer.Option(min=1, help="Timing rounds, round-robin over every candidate.")] = 5,
+    threads: Annotated[Optional[list[int]], typer.Option(
+        "--threads", min=1, help="Intra-op thread counts to try (repeat; default: 1, 2, 4, ... and every core).")] = None,
+    objective: Annotated[str, typer.Option(help="decode (tok/s) or prefill (512 tokens).")] = "decode",
+    min_gain: Annotated[float, typer.Option(
+        help="Record the fastest options only when they beat ORT's defaults by this many percent (else the "
+             "defaults).")] = 2.0,
+    write: Annotated[bool, typer.Option("--write/--dry-run", help="Record the choice in DIR/manifest.json, or only "
+                                                                  "print the table.")] = True,
+    clear: Annotated[bool, typer.Option(help="Remove the recorded options and measure nothing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+):
+    """Measure ORT session options on this machine (intra-op threads, spinning, thread pinning, parallel
+    execution) round-robin on the artifact's decode steps and prefill, and record the fastest in its manifest.
+    `load`, generate, eval, bench and serve then apply them on a machine with the same CPU model and core count
+    (elsewhere they are ignored, with one warning); --threads on those commands overrides them."""
+    from onnxlm.tune_session import record
+    from onnxlm.tune_session import tune_session as measure
+
+    if clear:
+        record(directory, None)
+        err.print(f"removed the recorded session options from {directory / 'manifest.json'}")
+        return
+    with steps() as say:
+        result = measure(directory, runs, threads, objective, min_gain, write, say=say)
+    machine, chosen = result["machine"], result["chosen"]
+    if as_json:
+        out.print_json(json.dumps({"machine": machine, "chosen": chosen.settings.to_dict(),
+                                   "rows": [r.to_dict() for r in result["rows"]], "recorded": write}))
+        return
+    table = Table("threads", "spinning", "pinning", "execution", "decode tok/s", "x default", "prefill ms",
+                  "x default", title=f"{machine['cpu']}, {machine['cores']} cores; medians of {runs} round-robin rounds")
+    for r in result["rows"]:
+        s = r.settings
+        table.add_row(str(s.threads or "default") + (" (chosen)" if r is chosen else ""), "yes" if s.spinning else "no",
+                      s.pinning, f"parallel, {s.inter_op_threads or 'default'} inter-op" if s.parallel else "sequential",
+                      f"{r.decode_tok_s:.1f}", f"{r.decode_x:.3f}", f"{r.prefill_s * 1000:.1f}", f"{r.prefill_x:.3f}")
+    out.print(table)
+    where = f"recorded in {directory / 'manifest.json'}" if write else "not recorded (--dry-run)"
+    out.print(f"chosen: {chosen.settings.label()}; {where}")
 
 
 @app.command()

@@ -198,6 +198,12 @@ INTERFACE = {"features": [str], "ports": [PORT]}
 # The execution provider an artifact was built for (backends/), and the one the pass manager's probe ran on.
 TARGET = {"ep": str, "providers": [str], "device": str, "probe_providers": [str]}
 
+# Session options measured by `onnxlm tune-session` (backends/base.SessionSettings), the machine they were measured
+# on, and what was measured (runtime/session_settings.py).
+SESSION_OPTIONS = {"threads": (int, type(None)), "spinning": bool, "pinning": str, "parallel": bool,
+                   "inter_op_threads": (int, type(None))}
+SESSION = {"options": SESSION_OPTIONS, "machine": {"cpu": str, "cores": Positive}, "measured": Opt([dict])}
+
 MANIFEST = {
     "format": str, "onnxlm_version": str, "created": str,
     "source": {"kind": str, "path": str, "sha256": str},
@@ -212,6 +218,7 @@ MANIFEST = {
     "target": TARGET,
     "genai": {"deployable": bool, "reason": Opt(str)},
     "static": Opt({"context_length": int, "prefill_chunk": int, "prefill": str, "decode": str}),
+    "session": Opt(SESSION),
 }
 
 # tokenizer_config.json, in an artifact or a source: only the keys onnxlm reads are checked.

@@ -22,7 +22,9 @@ artifact byte for byte through `onnxlm optimize --recipe`, with `--calibration D
 search had its own text), best/ (that artifact), pareto.json, pareto.png (PPL against decode speed, point area =
 size; needs matplotlib, the `onnxlm[tune]` extra), trials.csv, study.db (Optuna's storage: a second run resumes),
 cache/ and graphs/. With `--ray local|ADDRESS` the trials run as Ray tasks (ray_trials), Optuna staying on the
-driver. Not built yet: session tuning and --time-budget (issue 23).
+driver. A "session" dimension ({"name": "session", "session": {choice: {option: value}}} or "auto") times each
+trial's artifact with those ORT session options (tune_session.py); best/'s manifest records the best trial's.
+`time_budget` is Optuna's timeout: no trial starts after it.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import shutil
 import socket
 import statistics
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -69,31 +72,50 @@ SPACE = {
 class Space:
     extends: str
     finish: list[dict]
-    dimensions: dict[str, dict[str, list[dict]]]
+    dimensions: dict[str, dict[str, list[dict]]]  # recipe dimensions: choice -> passes
+    # session dimensions: choice -> session options (a part of SessionSettings' fields; a trial's picks are merged)
+    sessions: dict[str, dict[str, dict]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict, origin: str = "the search space") -> Space:
+        """A dimension is {"name", "choices": {choice: [pass, ...]}} (the recipe), or {"name", "session":
+        {choice: {session option: value}}} or {"name", "session": "auto"} (the ORT session options a trial's
+        artifact is timed with; "auto": tune_session.candidates on this machine)."""
+        from onnxlm.backends.base import SessionSettings
         from onnxlm.passes.registry import make_pass
 
         if not isinstance(data, dict) or not isinstance(data.get("dimensions"), list) or not data["dimensions"]:
             raise OnnxlmError(f"{origin} is empty: it needs a non-empty 'dimensions' list")
-        dimensions = {}
+        dimensions, sessions = {}, {}
         for d in data["dimensions"]:
-            if not isinstance(d, dict) or not isinstance(d.get("choices"), dict) or not d["choices"]:
-                raise OnnxlmError(f"{origin}: every dimension needs a name and a non-empty 'choices' object")
-            dimensions[str(d.get("name", len(dimensions)))] = d["choices"]
-        space = cls(str(data.get("extends", "lowered")), list(data.get("finish", [])), dimensions)
+            if isinstance(d, dict) and d.get("session") == "auto":
+                sessions[str(d.get("name", "session"))] = auto_session_choices()
+                continue
+            kind = "session" if isinstance(d, dict) and "session" in d else "choices"
+            if not isinstance(d, dict) or not isinstance(d.get(kind), dict) or not d[kind]:
+                raise OnnxlmError(f"{origin}: every dimension needs a name and a non-empty 'choices' object (or "
+                                  f"'session': an object of session options, or \"auto\")")
+            (sessions if kind == "session" else dimensions)[str(d.get("name", len(dimensions)))] = d[kind]
+        space = cls(str(data.get("extends", "lowered")), list(data.get("finish", [])), dimensions, sessions)
         for choices in space.dimensions.values():  # unknown passes or options: one line now, not in trial 17
             for passes in choices.values():
                 for spec in passes:
                     make_pass(spec)
+        for name, choices in space.sessions.items():
+            for choice, options in choices.items():
+                SessionSettings.from_dict(options, f"{origin}: session dimension '{name}', choice '{choice}'")
         return space
+
+    def choices(self) -> dict[str, list[str]]:
+        """Every dimension's choice names, recipe dimensions first."""
+        return {d: list(c) for d, c in {**self.dimensions, **self.sessions}.items()}
 
     def recipe(self, picks: dict[str, str]):
         """The recipe of one trial: the base, each dimension's picked passes where they fit, then `finish`."""
         from onnxlm.passes.recipe import Recipe, load_recipe
         from onnxlm.passes.registry import make_pass
 
+        picks = {k: v for k, v in picks.items() if k in self.dimensions}
         recipe = load_recipe(self.extends)
         name = "tuned-" + "-".join(f"{k}_{v}" for k, v in picks.items())
         recipe = Recipe(name, f"onnxlm tune: {picks}", list(recipe.passes))
@@ -102,6 +124,29 @@ class Space:
             if passes:
                 recipe = recipe.inserting(passes, where="earliest")
         return Recipe(name, recipe.description, [*recipe.passes, *(make_pass(s) for s in self.finish)]).checked()
+
+    def session(self, picks: dict[str, str]):
+        """The session options (SessionSettings) a trial is timed with: its session dimensions' picks merged in
+        order; None when the space has no session dimension (the defaults, or --threads)."""
+        from onnxlm.backends.base import SessionSettings
+
+        if not self.sessions:
+            return None
+        merged = {}
+        for dimension, choices in self.sessions.items():
+            merged.update(choices[picks[dimension]])
+        return SessionSettings.from_dict(merged)
+
+
+def auto_session_choices() -> dict[str, dict]:
+    """tune_session.candidates on this machine, named by their options (e.g. "2t-nospin-compact")."""
+    from onnxlm.tune_session import candidates
+
+    def name(s) -> str:
+        return "-".join([f"{s.threads or 'ort'}t", "spin" if s.spinning else "nospin", s.pinning,
+                         *([f"par{s.inter_op_threads or ''}"] if s.parallel else [])])
+
+    return {name(s): s.to_dict() for s in candidates()}
 
 
 def source_key(model: str) -> str:
@@ -126,6 +171,7 @@ class Trial:
     size: int = 0  # bytes on disk
     key: str = ""
     worker: str = ""  # host:pid that scored it
+    machine: dict = dataclasses.field(default_factory=dict)  # its CPU model and cores (session_settings.this_machine)
 
 
 class Tuner:
@@ -177,8 +223,9 @@ class Tuner:
         reference = getattr(self, "reference_tokens", tokens)
         return math.exp(result["nll"] * tokens / reference), tokens
 
-    def build(self, recipe):
-        """The artifact of `recipe`, from the cache when an earlier trial built it."""
+    def build(self, recipe, session=None):
+        """The artifact of `recipe`, from the cache when an earlier trial built it, loaded with `session` options
+        (SessionSettings; None: the defaults, or --threads)."""
         import onnxlm
 
         key = hashlib.sha256(json.dumps([self.source, self.text_key, recipe.to_dict()["passes"]],
@@ -191,13 +238,15 @@ class Tuner:
                 recipe_file.write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
                 onnxlm.optimize(self.model, recipe=str(recipe_file), output=directory, overwrite=True,
                                 calibration=self.calibration, graph_cache=self.graphs)
-        return onnxlm.load(directory, threads=self.threads)
+        return onnxlm.load(directory, threads=self.threads if session is None else None, session=session)
 
     def score(self, number: int, picks: dict[str, str]) -> Trial:
-        trial = Trial(number, picks, worker=f"{socket.gethostname()}:{os.getpid()}")
+        from onnxlm.runtime.session_settings import this_machine
+
+        trial = Trial(number, picks, worker=f"{socket.gethostname()}:{os.getpid()}", machine=this_machine())
         try:
             with locked(TIMING_LOCK, shared=True):  # builds and PPL run side by side; timing waits for them
-                art = self.build(self.space.recipe(picks))
+                art = self.build(self.space.recipe(picks), self.space.session(picks))
                 trial.key = art.directory.name
                 trial.ppl = self.perplexity(art)[0]
             trial.ppl_increase = 100 * (trial.ppl / self.reference_ppl - 1)
@@ -266,10 +315,12 @@ def pareto(trials: list[Trial], objectives: list[str]) -> list[Trial]:
 def tune(model: str, output: Path, objectives: list[str], max_ppl_increase: float, trials: int,
          space: Space | None = None, calibration_text: str | None = None, runs: int = 3, threads: int | None = None,
          seed: int = 0, say: Callable[[str], None] = lambda _m: None, ray_address: str | None = None,
-         concurrency: int | None = None) -> dict:
+         concurrency: int | None = None, time_budget: float | None = None) -> dict:
     """Run the search and write DIR's files; returns {"best": Trial | None, "pareto": [Trial], "trials": [...],
     "notes": [str]}. With `ray_address` ("local", or a cluster's address) the trials run as Ray tasks
-    (ray_trials), `concurrency` at a time."""
+    (ray_trials), `concurrency` at a time. `time_budget` (seconds) is Optuna's `timeout`: its clock starts with
+    the first trial (after the reference is built and scored), and no trial starts after it ran out (the
+    running ones finish); at least one trial runs."""
     import optuna
 
     from onnxlm.api import CALIBRATION_TEXT
@@ -283,7 +334,11 @@ def tune(model: str, output: Path, objectives: list[str], max_ppl_increase: floa
         raise OnnxlmError(f"--trials must be at least 1, got {trials}")
     if concurrency is not None and (ray_address is None or concurrency < 1):
         raise OnnxlmError(f"--concurrency needs --ray and a count >= 1, got {concurrency}")
+    if time_budget is not None and not (math.isfinite(time_budget) and time_budget > 0):
+        raise OnnxlmError(f"--time-budget must be a number of seconds > 0, got {time_budget}")
     space = space or Space.from_dict(SPACE)
+    if space.sessions and threads is not None:
+        raise OnnxlmError("--threads and a session dimension in the search space both set the threads: give one")
     output = Path(output)
     with contextlib.ExitStack() as stack:
         cluster = stack.enter_context(ray_cluster(ray_address)) if ray_address else None  # reachable, or 1 line
@@ -300,7 +355,7 @@ def tune(model: str, output: Path, objectives: list[str], max_ppl_increase: floa
 
         def ask():
             trial = study.ask()
-            picks = {d: trial.suggest_categorical(d, list(c)) for d, c in space.dimensions.items()}
+            picks = {d: trial.suggest_categorical(d, c) for d, c in space.choices().items()}
             say(f"trial {trial.number + 1}/{trials}: {picks}")
             return trial, picks
 
@@ -315,16 +370,21 @@ def tune(model: str, output: Path, objectives: list[str], max_ppl_increase: floa
             values = tuner.values(result)
             study.tell(trial, values if len(values) > 1 else values[0])
 
+        deadline = time.monotonic() + time_budget if time_budget else math.inf
         if cluster is None:
-            for _ in range(trials):
+            for i in range(trials):
+                if i and time.monotonic() > deadline:
+                    break
                 trial, picks = ask()
                 tell(trial, tuner.score(trial.number, picks))
         else:
-            ray_trials(tuner, ask, tell, trials, concurrency or max(2, cluster))
+            ray_trials(tuner, ask, tell, trials, concurrency or max(2, cluster), deadline)
     front = pareto(tuner.trials, objectives)
     best = max(front, key=lambda t: tuner.values(t)[0] * (1 if OBJECTIVES[objectives[0]] == "maximize" else -1),
                default=None)
     notes = write_outputs(output, tuner, front, best)
+    if len(tuner.trials) < trials:
+        notes.insert(0, f"the time budget of {time_budget:g} s ran out after {len(tuner.trials)} of {trials} trials")
     return {"best": best, "pareto": front, "trials": tuner.trials, "notes": notes}
 
 
@@ -356,9 +416,11 @@ def ray_cluster(address: str) -> Iterator[int]:
         ray.shutdown()
 
 
-def ray_trials(tuner: Tuner, ask: Callable, tell: Callable, trials: int, concurrency: int) -> None:
+def ray_trials(tuner: Tuner, ask: Callable, tell: Callable, trials: int, concurrency: int,
+               deadline: float = math.inf) -> None:
     """Optuna asks on the driver; each trial is scored by a Ray task (one CPU, spread over the nodes) on a Tuner
-    made from the driver's setup; `concurrency` tasks run at a time, and each result is told as it arrives.
+    made from the driver's setup; `concurrency` tasks run at a time, and each result is told as it arrives. No
+    task starts after `deadline` (time.monotonic()); the running ones finish.
     Each node times one trial at a time (TIMING_LOCK). DIR must be on a filesystem every node sees at the same
     path: the tasks build into its cache and read the reference from it."""
     import ray
@@ -366,8 +428,12 @@ def ray_trials(tuner: Tuner, ask: Callable, tell: Callable, trials: int, concurr
     score = ray.remote(num_cpus=1, scheduling_strategy="SPREAD", max_retries=0)(score_remotely)
     setup = ray.put(tuner.setup())
     pending, asked = {}, 0
-    while asked < trials or pending:
-        while asked < trials and len(pending) < concurrency:
+
+    def more() -> bool:
+        return asked < trials and (not asked or time.monotonic() <= deadline)
+
+    while pending or more():
+        while len(pending) < concurrency and more():
             trial, picks = ask()
             pending[score.remote(setup, trial.number, picks)] = (trial, picks)
             asked += 1
@@ -399,7 +465,7 @@ def write_outputs(output: Path, tuner: Tuner, front: list[Trial], best: Trial | 
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for t in tuner.trials:
-            writer.writerow({**dataclasses.asdict(t), "picks": json.dumps(t.picks)})
+            writer.writerow({**dataclasses.asdict(t), "picks": json.dumps(t.picks), "machine": json.dumps(t.machine)})
     (output / "pareto.json").write_text(json.dumps(
         {"objectives": tuner.objectives, "max_ppl_increase": tuner.max_ppl_increase,
          "reference_ppl": tuner.reference_ppl, "trials": [dataclasses.asdict(t) for t in front]}, indent=2) + "\n")
@@ -411,6 +477,14 @@ def write_outputs(output: Path, tuner: Tuner, front: list[Trial], best: Trial | 
     if (output / "best").exists():
         shutil.rmtree(output / "best")
     shutil.copytree(tuner.cache / best.key, output / "best")
+    settings = tuner.space.session(best.picks)
+    if settings is not None:  # best/ loads with the options it was timed with, on the machine that timed it
+        from onnxlm.tune_session import record
+
+        measured = [{"options": tuner.space.session(t.picks).to_dict(), "decode_x_reference": t.decode,
+                     "prefill_x_reference": t.prefill}
+                    for t in tuner.trials if t.key == best.key and t.machine == best.machine and t.state == "ok"]
+        record(output / "best", settings, measured, best.machine)
     return notes
 
 

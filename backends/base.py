@@ -16,6 +16,57 @@ import numpy as np
 from onnxlm.errors import OnnxlmError, first_line
 
 FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+PINNINGS = ("default", "none", "compact", "cores")
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionSettings:
+    """How ORT schedules one session on the host's cores. Plain data: `onnxlm tune-session` measures candidates
+    and records the fastest in the manifest ("session"), which `load` applies (runtime/session_settings.py).
+
+    - threads: intra-op threads (None: the backend's default; on the CPU, ORT's count, one per physical core);
+    - spinning: idle intra-op (and inter-op) workers spin instead of sleeping (session.*.allow_spinning);
+    - pinning: where the intra-op workers run (session.intra_op_thread_affinities): "default" (the backend's:
+      ORT pins its workers when it picks the count), "none" (the count as given, unpinned), "compact" (worker i
+      on the i-th usable logical CPU after the caller's), "cores" (one worker per physical core before any
+      SMT sibling; differs from compact only on SMT machines);
+    - parallel: ORT_PARALLEL execution (independent nodes at once), with `inter_op_threads` (None: ORT's).
+    """
+
+    threads: int | None = None
+    spinning: bool = True
+    pinning: str = "default"
+    parallel: bool = False
+    inter_op_threads: int | None = None
+
+    def __post_init__(self):
+        if self.pinning not in PINNINGS:
+            raise OnnxlmError(f"unknown pinning '{self.pinning}' (pinnings: {', '.join(PINNINGS)})")
+        for name in ("threads", "inter_op_threads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise OnnxlmError(f"session option {name} must be an integer >= 1, got {value!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "session options") -> SessionSettings:
+        """From plain data (a manifest, a search space); unknown keys and wrong types are one line."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(data, dict) or set(data) - set(known):
+            unknown = sorted(set(data) - set(known)) if isinstance(data, dict) else data
+            raise OnnxlmError(f"{where}: unknown key(s) {unknown} (known: {', '.join(known)})")
+        if not isinstance(data.get("spinning", True), bool) or not isinstance(data.get("parallel", False), bool):
+            raise OnnxlmError(f"{where}: spinning and parallel must be true or false")
+        return cls(**data)
+
+    def label(self) -> str:
+        """A short description for tables: "2 threads, spinning, pinned compact, sequential"."""
+        threads = "default threads" if self.threads is None else f"{self.threads} thread{'s' * (self.threads > 1)}"
+        mode = (f"parallel ({self.inter_op_threads or 'default'} inter-op)" if self.parallel else "sequential")
+        pinning = {"default": "default pinning", "none": "unpinned"}.get(self.pinning, f"pinned {self.pinning}")
+        return f"{threads}, {'spinning' if self.spinning else 'no spinning'}, {pinning}, {mode}"
 
 
 def kv_dtype(session) -> type:
@@ -64,7 +115,7 @@ class Backend:
         steps as device graphs (None: an uncaptured step, e.g. a prefill). None where nothing needs setting."""
         return None
 
-    def session_options(self, threads: int | None = None, profile: bool = False, spinning: bool = True):
+    def session_options(self, settings: SessionSettings = SessionSettings(), profile: bool = False):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -76,16 +127,17 @@ class Backend:
         """The provider options of one session; `decoder`: the runtime's decoder session (not a pass's check)."""
         return list(self.provider_options) or None
 
-    def session(self, path: Path, threads: int | None = None, profile: bool = False, spinning: bool = True,
+    def session(self, path: Path, settings: SessionSettings = SessionSettings(), profile: bool = False,
                 decoder: bool = False, as_written: bool = False):
-        """An InferenceSession of the graph at `path` on this EP; one-line error when ORT refuses it, or when it
-        silently fell back to another provider (ORT does that when an EP's libraries fail to load). `as_written`:
-        ORT's basic graph optimizations only, none of its EP-specific fusions (which may change the numerics)."""
+        """An InferenceSession of the graph at `path` on this EP, scheduled by `settings`; one-line error when ORT
+        refuses it, or when it silently fell back to another provider (ORT does that when an EP's libraries fail
+        to load). `as_written`: ORT's basic graph optimizations only, none of its EP-specific fusions (which may
+        change the numerics)."""
         import onnxruntime as ort
 
         self.require()
         try:
-            options = self.session_options(threads, profile, spinning)
+            options = self.session_options(settings, profile)
             if as_written:
                 options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
             session = ort.InferenceSession(str(path), sess_options=options, providers=list(self.providers),

@@ -25,7 +25,7 @@ import functools
 import sys
 from pathlib import Path
 
-from onnxlm.backends.base import Backend
+from onnxlm.backends.base import Backend, SessionSettings
 from onnxlm.errors import first_line
 
 GPU_INSTALL = "pip uninstall -y onnxruntime && pip install \"onnxruntime-gpu>=1.31,<1.33\""
@@ -92,15 +92,15 @@ class CudaBackend(Backend):
         graph = "1" if decoder and self.graph_capture else "0"
         return [{**cuda, "enable_cuda_graph": graph}, *rest]
 
-    def session_options(self, threads: int | None = None, profile: bool = False, spinning: bool = True):
+    def session_options(self, settings: SessionSettings = SessionSettings(), profile: bool = False):
         """All graph optimizations, sequential execution; the host threads only feed the GPU, so one thread
         and no spinning (a spinning pool would take a core from the decoding loop)."""
         import onnxruntime as ort
 
-        opts = super().session_options(threads, profile, spinning)
+        opts = super().session_options(settings, profile)
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.intra_op_num_threads = threads or 1
+        opts.intra_op_num_threads = settings.threads or 1
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return opts
 

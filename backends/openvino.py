@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from onnxlm.backends.base import Backend
+from onnxlm.backends.base import Backend, SessionSettings
 from onnxlm.errors import OnnxlmError
 
 DEVICES = ("CPU", "GPU", "NPU")
@@ -40,12 +40,12 @@ class OpenVinoBackend(Backend):
     def device_type(self) -> str:
         return self.provider_options[0]["device_type"]
 
-    def session(self, path, threads=None, profile=False, spinning=True, **options):
+    def session(self, path, settings=SessionSettings(), profile=False, **options):
         seen = openvino_devices()
         if seen and not any(d.split(".")[0] == self.device_type for d in seen):
             raise OnnxlmError(f"OpenVINO device {self.device_type} is not available here (OpenVINO sees: "
                               f"{', '.join(seen)})")
-        return super().session(path, threads, profile, spinning, **options)
+        return super().session(path, settings, profile, **options)
 
 
 def openvino_backend(device: str) -> OpenVinoBackend:

@@ -106,5 +106,6 @@ def open_session(path, threads: int | None = None, backend=None, as_written: boo
     """A plain session for the manager's checks and the passes' measurements: on `backend`, default the CPU;
     `as_written`: without ORT's EP-specific fusions (Backend.session)."""
     from onnxlm.backends import CPU
+    from onnxlm.backends.base import SessionSettings
 
-    return (backend or CPU).session(path, threads, as_written=as_written)
+    return (backend or CPU).session(path, SessionSettings(threads=threads), as_written=as_written)

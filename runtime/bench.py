@@ -96,6 +96,7 @@ def bench(model: DecoderSession, tokenizer, runs: int = 5, on_run=None, context:
         **({"prefill512_s": statistics.median(prefill_s)} if prefill_tokens == PREFILL_TOKENS else {}),
         "runs": runs,
         "threads": model.threads,
+        "session": model.settings.to_dict(),  # the session options it ran with (recorded, explicit or default)
         "context": context,
         "kv_policy": (kv_policy or KVPolicyConfig()).name,
         "halt_threshold": halt_threshold,

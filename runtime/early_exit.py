@@ -38,7 +38,7 @@ class Segment:
 
     def __init__(self, path: Path, model: DecoderSession):
         # The segments take turns on the same cores: no spinning workers (see backends/cpu.py).
-        self.session = model.backend.session(path, model.threads, spinning=False)
+        self.session = model.backend.session(path, dataclasses.replace(model.settings, spinning=False))
         self.inputs = {i.name for i in self.session.get_inputs()}
         index = {name: i for i, name in enumerate(model.kv_input_names)}
         self.kv = [(index[n], n, n.replace("past_key_values.", "present.")) for n in model.kv_input_names

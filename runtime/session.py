@@ -17,13 +17,14 @@ import numpy as np
 
 from onnxlm.artifact import MODEL_FILE, read_manifest
 from onnxlm.backends import get_backend
-from onnxlm.backends.base import FLOAT_TYPES, kv_dtype
+from onnxlm.backends.base import FLOAT_TYPES, SessionSettings, kv_dtype
 from onnxlm.errors import OnnxlmError
 from onnxlm.interface import DECODE_SHAPES, Interface
 from onnxlm.model_info import ModelInfo, shares_kv_buffer
 from onnxlm.runtime.device_step import DeviceArgmax, DeviceFeeds, DeviceRows
 from onnxlm.runtime.extensions import EXTENSIONS, StepInfo, ort_value
 from onnxlm.runtime.kv_cache import KVCache
+from onnxlm.runtime.session_settings import resolve
 
 
 def as_float32(logits: np.ndarray) -> np.ndarray:
@@ -78,13 +79,16 @@ class DecoderSession:
     """One loaded decoder. `step` runs new tokens against a KV cache and returns their logits."""
 
     def __init__(self, directory: Path, threads: int | None = None, ep: str | None = None, profile: bool = False,
-                 spinning: bool = True):
+                 spinning: bool = True, session: SessionSettings | None = None):
+        """`threads` or `session` (SessionSettings) replace the session options the manifest recorded for this
+        machine; spinning=False turns spinning off on top of either (runtime/session_settings.py)."""
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
         self.info = ModelInfo.from_dict(self.manifest["model"])
         self.backend = get_backend(ep or self.manifest["target"]["ep"])  # default: the artifact's target
-        self.threads = threads  # None: ORT picks the count (physical cores) and pins the threads
-        self._options, self._session = (profile, spinning), None
+        self.settings = resolve(self.manifest, str(self.directory), threads, spinning, session)
+        self.threads = self.settings.threads  # None: ORT picks the count (physical cores) and pins the threads
+        self._profile, self._session = profile, None
         self.kv_input_names = self._ordered_kv("past_key_values.{}.{}")
         self.kv_output_names = self._ordered_kv("present.{}.{}")
         self.shared_kv = shares_kv_buffer(self.manifest.get("op_histogram", {}), self.info.num_layers)
@@ -109,14 +113,14 @@ class DecoderSession:
     def session(self):
         """The ORT session of model.onnx, opened on first use; its KV inputs must match the manifest's layers."""
         if self._session is None:
-            path, (profile, spinning) = self.directory / MODEL_FILE, self._options
+            path = self.directory / MODEL_FILE
             try:
-                session = self.backend.session(path, self.threads, profile, spinning, decoder=self.captures)
+                session = self.backend.session(path, self.settings, self._profile, decoder=self.captures)
             except OnnxlmError as exc:  # ORT refuses capture when it placed nodes off the device: run uncaptured
                 if not self.captures or "graph capture" not in str(exc):
                     raise
                 self.captures, self.capture_refused = False, str(exc)
-                session = self.backend.session(path, self.threads, profile, spinning)
+                session = self.backend.session(path, self.settings, self._profile)
             self.kv_dtype = kv_dtype(session)  # float16 after convert_float16
             self.logits_dtype = FLOAT_TYPES.get(next(o.type for o in session.get_outputs() if o.name == "logits"),
                                                 np.float32)

@@ -45,7 +45,7 @@ class Static(Executor):
                 raise OnnxlmError(f"--kv-budget {self.config.budget} exceeds the static cache's {c} slots")
             self.policy = make_policy(self.config, model.info)
         files = {p: PREFILL_FILE, 1: DECODE_FILE}
-        self.sessions = {size: model.backend.session(model.directory / name, model.threads)
+        self.sessions = {size: model.backend.session(model.directory / name, model.settings)
                          for size, name in files.items()}
         self.feeds = {size: StaticFeeds(c, size) for size in self.sessions}
         self.present_names = [n.replace("past_key_values.", "present.") for n in model.kv_input_names]

@@ -14,6 +14,7 @@ import onnxlm
 from cli_helpers import run_cli
 from onnxlm.backends import BACKENDS, get_backend, probe_backend
 from onnxlm.backends import cuda as cuda_module
+from onnxlm.backends.base import SessionSettings
 from onnxlm.backends.cpu import CpuBackend
 from onnxlm.errors import OnnxlmError
 
@@ -328,12 +329,12 @@ def test_when_ort_refuses_graph_capture_decode_runs_uncaptured(monkeypatch, cuda
     class Refusing(CpuAsDevice):
         name: str = "refusing"
 
-        def session(self, path, threads=None, profile=False, spinning=True, decoder=False):
+        def session(self, path, settings=SessionSettings(), profile=False, decoder=False):
             if decoder:
                 raise OnnxlmError(f"ONNX Runtime cannot load {path}: This session cannot use the graph capture "
                                   "feature as requested by the user as all compute graph nodes have not been "
                                   "partitioned to the CUDAExecutionProvider")
-            return super().session(path, threads, profile, spinning)
+            return super().session(path, settings, profile)
 
     backend = Refusing()
     monkeypatch.setitem(BACKENDS, backend.name, backend)
