@@ -45,11 +45,12 @@ def family_builds(tmp_path_factory):
                 checkpoint(variant), attn_implementation="eager").eval()
         return models[variant]
 
-    def artifact(variant, recipe):
-        if (variant, recipe) not in artifacts:
+    def artifact(variant, recipe, **options):
+        key = (variant, recipe, *sorted(options.items()))
+        if key not in artifacts:
             out = tmp_path_factory.mktemp(f"{variant}-{recipe}") / "art"
-            artifacts[variant, recipe] = onnxlm.optimize(str(checkpoint(variant)), recipe=recipe, output=out)
-        return artifacts[variant, recipe]
+            artifacts[key] = onnxlm.optimize(str(checkpoint(variant)), recipe=recipe, output=out, **options)
+        return artifacts[key]
 
     return checkpoint, model, artifact
 
@@ -113,13 +114,33 @@ def test_lowering_fuses_what_the_family_allows(family_builds, variant):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_int4_rtn_builds_and_runs(family_builds, variant):
+def test_int4_rtn_without_a_layer_runs_under_a_kv_policy(family_builds, variant):
+    """`int4-rtn --remove-layers 1 --kv-scores` builds (its PPL reported), keeps one layer, and generates 32 tokens
+    under h2o past a 40-slot budget, so the cache evicts (h2o keeps original positions: it runs whatever the
+    family's RoPE). A graph whose attention stayed unfused is refused in one line instead: the KV policies work on
+    GroupQueryAttention's cache."""
+    from onnxlm.errors import OnnxlmError
+    from onnxlm.runtime.kv_policy import KVPolicyConfig
+
     _, _, artifact = family_builds
-    art = artifact(variant, "int4-rtn")
+    art = artifact(variant, "int4-rtn", remove_layers=1, kv_scores=True)
     ops = art.manifest["op_histogram"]
-    tokens = list(art.generate_ids(prompt(PREFILL), max_new_tokens=8, ignore_eos=True, decoding=Decoding()))
-    record(variant, "int4-rtn", f"runs, {ops.get('com.microsoft::MatMulNBits', 0)} MatMulNBits")
-    assert len(tokens) == 8 and ops.get("com.microsoft::MatMulNBits", 0) > 0
+    report = next(p for p in art.manifest["passes"] if p["name"] == "quant_weight_only")
+    qmoe = ops.get("com.microsoft::QMoE", 0)
+    record(variant, "int4-rtn", f"runs, {ops.get('com.microsoft::MatMulNBits', 0)} MatMulNBits"
+           + (f", {qmoe} QMoE" if qmoe else "") + f"; PPL {report['check']['ppl_before']:.0f} -> "
+           f"{report['check']['ppl_after']:.0f} (random weights)")
+    assert ops.get("com.microsoft::MatMulNBits", 0) > 0 and report["check"]["ppl_after"] > 0
+    assert art.info.num_layers == 1
+    decoding = Decoding(kv_policy=KVPolicyConfig("h2o", budget=40))
+    if "com.microsoft::GroupQueryAttention" not in ops:
+        with pytest.raises(OnnxlmError, match="KV policies need a GroupQueryAttention graph"):
+            list(art.generate_ids(prompt(PREFILL), max_new_tokens=GREEDY, ignore_eos=True, decoding=decoding))
+        record(variant, "remove 1 + h2o", "layer removed; h2o refused (attention left unfused)")
+        return
+    tokens = list(art.generate_ids(prompt(PREFILL), max_new_tokens=GREEDY, ignore_eos=True, decoding=decoding))
+    record(variant, "remove 1 + h2o", "runs" if len(tokens) == GREEDY else "**fails**")
+    assert len(tokens) == GREEDY
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -179,23 +200,6 @@ def test_speculative_decoding_keeps_greedy_tokens(family_builds, variant):
                                     decoding=Decoding("speculative", prompt_lookup=True)))
     record(variant, "speculative", "same tokens" if drafted == greedy else "**differs**")
     assert drafted == greedy
-
-
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_remove_layers_and_a_kv_policy_run(family_builds, tmp_path, variant):
-    """`--remove-layers 1 --kv-scores`, then h2o past its budget: one layer left, and 32 tokens generated while
-    the cache evicts (h2o keeps original positions, so it runs whatever the family's RoPE)."""
-    import onnxlm
-    from onnxlm.runtime.kv_policy import KVPolicyConfig
-
-    checkpoint, _, _ = family_builds
-    art = onnxlm.optimize(str(checkpoint(variant)), recipe="fp32", output=tmp_path / "a", remove_layers=1,
-                          kv_scores=True)
-    policy = KVPolicyConfig("h2o", budget=40)
-    tokens = list(art.generate_ids(prompt(PREFILL), max_new_tokens=GREEDY, ignore_eos=True,
-                                   decoding=Decoding(kv_policy=policy)))
-    record(variant, "remove 1 + h2o", "runs" if len(tokens) == GREEDY else "**fails**")
-    assert art.info.num_layers == 1 and len(tokens) == GREEDY
 
 
 def test_gemma2_soft_capping_bites(family_builds):
