@@ -240,27 +240,46 @@ import json, sys
 import onnxlm
 from onnxlm.runtime.decoding import Decoding
 art = onnxlm.load(sys.argv[1], ep="openvino")
-print(json.dumps(list(art.generate_ids(json.loads(sys.argv[2]), 64, ignore_eos=True, decoding=Decoding()))))
+assert art.session.backend.name == "openvino", art.session.backend.name
+print(json.dumps(list(art.generate_ids(json.loads(sys.argv[2]), int(sys.argv[3]), ignore_eos=True,
+                                       decoding=Decoding()))))
 """
+needs_openvino = pytest.mark.skipif(
+    not HAS_OPENVINO and not OPENVINO_PYTHON,
+    reason="no OpenVINOExecutionProvider: onnxruntime-openvino replaces the onnxruntime module, so it lives in its "
+           "own environment (README: OpenVINO install; .ci/run builds it); set ONNXLM_OPENVINO_PYTHON to its python")
 
 
-@pytest.mark.skipif(not HAS_OPENVINO and not OPENVINO_PYTHON,
-                    reason="no OpenVINOExecutionProvider: onnxruntime-openvino replaces the onnxruntime module, so it "
-                           "lives in its own environment; set ONNXLM_OPENVINO_PYTHON to that environment's python")
-@pytest.mark.parametrize("recipe", ["static", "static-qdq", "static-int4"])
-def test_openvino_cpu_runs_the_static_pair_with_the_cpu_eps_tokens(static_artifact, qdq_artifacts, recipe):
+@pytest.fixture(scope="session")
+def openvino_greedy(tmp_path_factory):
+    """(artifact directory, prompt ids, n) -> n greedy tokens on the OpenVINO EP (device CPU), run by the python that
+    has it: this process's, or ONNXLM_OPENVINO_PYTHON's in a subprocess that imports this very onnxlm (a link to
+    it on PYTHONPATH; a checkout's directory need not be named onnxlm) with that environment's onnxruntime."""
     import subprocess
     import sys
 
+    python = sys.executable if HAS_OPENVINO else OPENVINO_PYTHON
+    path = tmp_path_factory.mktemp("openvino-path")
+    (path / "onnxlm").symlink_to(Path(onnxlm.__file__).resolve().parent)
+    env = {**os.environ, "PYTHONPATH": str(path)}
+
+    def run(directory, prompt, n):
+        result = subprocess.run([python, "-c", OPENVINO_RUN, str(directory), json.dumps(prompt), str(n)], env=env,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    return run
+
+
+@needs_openvino
+@pytest.mark.parametrize("recipe", ["static", "static-qdq", "static-int4"])
+def test_openvino_cpu_runs_the_static_pair_with_the_cpu_eps_tokens(static_artifact, qdq_artifacts, openvino_greedy,
+                                                                   recipe):
     art = static_artifact if recipe == "static" else qdq_artifacts[recipe]
     prompt = text_ids(art, 40)
     want = list(art.generate_ids(prompt, 64, ignore_eos=True, decoding=Decoding()))
-    python = sys.executable if HAS_OPENVINO else OPENVINO_PYTHON
-    env = {**os.environ, "PYTHONPATH": str(Path(onnxlm.__file__).parent.parent)}  # this onnxlm, that onnxruntime
-    result = subprocess.run([python, "-c", OPENVINO_RUN, str(art.directory), json.dumps(prompt)], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == want
+    assert openvino_greedy(art.directory, prompt, 64) == want
 
 
 @pytest.fixture(scope="session")
@@ -287,6 +306,14 @@ def test_smollm2_static_pair_equals_the_dynamic_fp32_artifact(smollm2_static, sm
     prompt = smollm2_static.prompt_ids("Write a short story about a lighthouse keeper.")
     got = list(smollm2_static.generate_ids(prompt, 64, ignore_eos=True, decoding=Decoding()))
     assert got == list(smollm2_artifact.generate_ids(prompt, 64, ignore_eos=True, decoding=Decoding()))
+
+
+@needs_openvino
+@pytest.mark.integration
+def test_smollm2_static_on_openvino_cpu_gives_the_cpu_eps_greedy_tokens(smollm2_static, openvino_greedy):
+    prompt = smollm2_static.prompt_ids("Write a short story about a lighthouse keeper.")
+    want = list(smollm2_static.generate_ids(prompt, 64, ignore_eos=True, decoding=Decoding()))
+    assert openvino_greedy(smollm2_static.directory, prompt, 64) == want
 
 
 def test_an_openvino_device_it_does_not_see_is_one_line(monkeypatch, tmp_path):
