@@ -43,6 +43,7 @@ class WeightOnlyOptions:
     calibration_samples: int = 8  # gptq: windows of calibration_window tokens from the calibration text
     calibration_window: int = 128
     format: str = "nbits"  # nbits: com.microsoft.MatMulNBits; qdq: a blocked DequantizeLinear + MatMul (NPU EPs)
+    per_channel: bool = False  # qdq, symmetric: one scale per output channel (block_size unused), ORT's Intel NPU form
 
 
 class CalibrationReader:
@@ -137,6 +138,8 @@ class QuantWeightOnly(Pass):
         if o.format not in ("nbits", "qdq") or (o.format == "qdq" and o.method != "rtn"):
             raise OnnxlmError(f"quant_weight_only: format must be nbits, or qdq with method rtn; got {o.format!r} "
                               f"with {o.method}")
+        if o.per_channel and (o.format != "qdq" or not o.symmetric or o.bits != 4):
+            raise OnnxlmError("quant_weight_only: per_channel needs format qdq, symmetric and 4 bits")
 
     def check_fits(self, info) -> None:
         # A block wider than every layer only pads rows with zeros (K is padded to a multiple of the block).
@@ -145,6 +148,17 @@ class QuantWeightOnly(Pass):
         if self.options.block_size > widest:
             raise OnnxlmError(f"quant_weight_only: block_size {self.options.block_size} is wider than the model's "
                               f"layers (at most {width} wide): use at most {widest}")
+        if self.options.format == "qdq" and not self.options.per_channel:
+            # ONNX allows a partial last block along K; OpenVINO's DequantizeLinear refuses one (SmolLM2's 576)
+            block = self.options.block_size
+            widths = sorted({w for w in (info.hidden_size, info.intermediate_size, info.num_heads * info.head_dim)
+                             if w and w % block})
+            if widths:
+                fits = [b for b in range(4, block.bit_length() - 1) if all(w % (1 << b) == 0 for w in widths)]
+                use = f"--block-size {1 << max(fits)}, or" if fits else "the pass's"
+                raise OnnxlmError(f"quant_weight_only: block_size {block} does not divide the linears' input width "
+                                  f"{', '.join(map(str, widths))}, and OpenVINO refuses a partial DequantizeLinear "
+                                  f"block: use {use} per_channel option")
 
     def run(self, model, ctx: PassContext):
         import onnx_ir as ir
@@ -178,6 +192,8 @@ class QuantWeightOnly(Pass):
 
             raise_opset(model)  # blocked 4-bit DequantizeLinear is standard from opset 21
             config.quant_format = QuantFormat.QDQ
+            # per channel, ORT writes the codes as [N, K] with one scale per row, then a Transpose (its Intel NPU form)
+            config.channel_wised_quantize = o.per_channel
         others = [n.name for n in model.graph if n.name not in set(names)]  # ORT would take every MatMul
         proto = ir.to_proto(model)
         if o.method == "gptq":
