@@ -6,8 +6,10 @@ Uses ONNX Runtime's own quantizer (onnxruntime.quantization.matmul_nbits_quantiz
   activations of the calibration text (4 bits only in ORT).
 Input: any decoder graph whose linears are MatMul with constant weights (lowered or plain). The tied LM head is
 untied first (the embedding Gather keeps the float table) unless lm_head=false, which keeps the head in float.
-Guarantees: each linear becomes one MatMulNBits with the chosen bits/block/symmetry/accuracy_level; nothing else
-changes. Lossy: the manager reports the PPL cost; the pass reports the weight error and the sizes.
+Guarantees: each linear becomes one MatMulNBits with the chosen bits/block/symmetry/accuracy_level (format "qdq":
+a constant int4 DequantizeLinear, blocked along K, or per output channel with per_channel, feeding the MatMul);
+nothing else changes. A qdq block must divide every linear's input width (OpenVINO refuses a partial block; checked
+before the export). Lossy: the manager reports the PPL cost; the pass reports the weight error and the sizes.
 """
 
 from __future__ import annotations
@@ -155,10 +157,10 @@ class QuantWeightOnly(Pass):
                              if w and w % block})
             if widths:
                 fits = [b for b in range(4, block.bit_length() - 1) if all(w % (1 << b) == 0 for w in widths)]
-                use = f"--block-size {1 << max(fits)}, or" if fits else "the pass's"
+                use = (f"--block-size {1 << max(fits)}, or " if fits else "") + "the pass's per_channel option"
                 raise OnnxlmError(f"quant_weight_only: block_size {block} does not divide the linears' input width "
                                   f"{', '.join(map(str, widths))}, and OpenVINO refuses a partial DequantizeLinear "
-                                  f"block: use {use} per_channel option")
+                                  f"block: use {use}")
 
     def run(self, model, ctx: PassContext):
         import onnx_ir as ir
