@@ -85,6 +85,12 @@ def _version(package: str) -> str | None:
         return None
 
 
+def fail(message: str) -> None:
+    """Bad input: one line, exit code 2, nothing written."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 class Worker:
     """A worker process on one EP; `ask` sends one request and returns its answer."""
 
@@ -95,7 +101,7 @@ class Worker:
                                         env={**os.environ, "PYTHONPATH": str(path)})
         line = self.process.stdout.readline()
         if not line:
-            raise SystemExit(f"error: the {ep} worker ({python}) stopped before loading (its stderr is above)")
+            fail(f"the {ep} worker ({python}) stopped before loading (its stderr is above)")
         self.ready = json.loads(line)
 
     def ask(self, do: str, recipe: str):
@@ -103,7 +109,7 @@ class Worker:
         self.process.stdin.flush()
         line = self.process.stdout.readline()
         if not line:
-            raise SystemExit(f"error: a worker stopped while answering {do} {recipe} (its stderr is above)")
+            fail(f"a worker stopped while answering {do} {recipe} (its stderr is above)")
         return json.loads(line)
 
     def close(self) -> None:
@@ -127,11 +133,12 @@ def main() -> None:
     if args.worker:
         return worker(args)
     missing = [r for r in args.recipes if not (args.out / r / "manifest.json").is_file()]
-    if missing or not args.text.is_file():
-        sys.exit(f"error: not built: {', '.join(str(args.out / r) for r in missing)}" if missing
-                 else f"error: no PPL text at {args.text}")
+    if missing:
+        fail(f"not built: {', '.join(str(args.out / r) for r in missing)} (the commands are in this file's help)")
+    if not args.text.is_file():
+        fail(f"no PPL text at {args.text}")
     if not Path(args.openvino_python).is_file():
-        sys.exit(f"error: no OpenVINO python at {args.openvino_python} (README: OpenVINO install; --openvino-python)")
+        fail(f"no OpenVINO python at {args.openvino_python} (README: OpenVINO install; --openvino-python)")
 
     with tempfile.TemporaryDirectory() as path:  # both workers import this checkout's onnxlm through a link
         (Path(path) / "onnxlm").symlink_to(ROOT)
