@@ -209,6 +209,9 @@ class QuantWeightOnly(Pass):
         quantizer.process()
         inputs = list(model.graph.inputs)
         replace_graph(model, ir.from_proto(quantizer.model.model))
+        if any(n.domain == "com.microsoft" for n in model.graph):  # ORT's GPTQ path does not import the domain
+            model.opset_imports.setdefault("com.microsoft", 1)
+            model.graph.opset_imports.setdefault("com.microsoft", 1)
         present = {v.name for v in model.graph.inputs}
         for index, value in enumerate(inputs):  # restore the interface (inputs hidden from GPTQ, in their order)
             if value.name not in present:
