@@ -33,7 +33,7 @@ class OpenVinoBackend(Backend):
     providers: tuple[str, ...] = ("OpenVINOExecutionProvider", "CPUExecutionProvider")
     provider_options: tuple[dict, ...] = ({"device_type": "CPU"}, {})
     lowering: tuple[dict, ...] = ({"pass": "static_kv"},)
-    install: str = "install onnxruntime-openvino in an environment of its own (docs/static.md)"
+    install: str = "install onnxruntime-openvino in an environment of its own (README: OpenVINO install)"
     builds_anywhere: bool = True
 
     @property

@@ -177,12 +177,16 @@ def test_cli_eval_and_bench_on_a_static_artifact(static_artifact, capsys, tmp_pa
 
 @pytest.fixture(scope="session")
 def qdq_artifacts(tiny_hf_dir, tmp_path_factory):
-    """The QNN-style (uint16 activations, uint8 per-channel weights) and the int4 QDQ static artifacts."""
+    """The QNN-style (uint16 activations, uint8 per-channel weights) and the int4 QDQ static artifacts (blocks of
+    32; and per channel, ORT's Intel NPU form)."""
     out = tmp_path_factory.mktemp("qdq")
     shape = {"context_length": C, "prefill_chunk": P}
-    return {recipe: onnxlm.optimize(str(tiny_hf_dir), recipe=recipe, output=out / recipe,
-                                    overrides={"static_kv": shape, **extra})
-            for recipe, extra in (("static-qdq", {}), ("static-int4", {"quant_weight_only": {"block_size": 32}}))}
+    builds = {"static-qdq": ("static-qdq", {}),
+              "static-int4": ("static-int4", {"quant_weight_only": {"block_size": 32}}),
+              "static-int4-per-channel": ("static-int4", {"quant_weight_only": {"per_channel": True}})}
+    return {name: onnxlm.optimize(str(tiny_hf_dir), recipe=recipe, output=out / name,
+                                  overrides={"static_kv": shape, **extra})
+            for name, (recipe, extra) in builds.items()}
 
 
 def quantized_types(path):
@@ -198,6 +202,32 @@ def quantized_types(path):
             found["weights"].add(types[node.input[0]])
             found["attributes"] |= {(a.name, a.i) for a in node.attribute}
     return found
+
+
+def head_weight_producer(path) -> str:
+    """The op that makes the LM head's weight (the MatMul writing `logits`)."""
+    proto = onnx.load(str(path), load_external_data=False)
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    head = producers["logits"]
+    while head.op_type != "MatMul":
+        head = producers[head.input[0]]
+    return producers[head.input[1]].op_type
+
+
+def test_a_partial_int4_block_is_refused_before_the_export():
+    from onnxlm.model_info import ModelInfo
+    from onnxlm.passes.registry import make_pass
+
+    smollm2 = ModelInfo("llama", 30, 9, 3, 64, 576, 49152, 8192, 1e5, 1, [2], intermediate_size=1536)
+    blocked = make_pass({"pass": "quant_weight_only", "block_size": 128, "format": "qdq"})
+    with pytest.raises(OnnxlmError, match="block_size 128 does not divide the linears' input width 576.*OpenVINO "
+                                          "refuses a partial DequantizeLinear block: use --block-size 64"):
+        blocked.check_fits(smollm2)
+    for fits in ({"block_size": 64, "format": "qdq"}, {"block_size": 128, "format": "qdq", "per_channel": True},
+                 {"block_size": 128}):  # MatMulNBits pads a partial block itself
+        make_pass({"pass": "quant_weight_only", **fits}).check_fits(smollm2)
+    with pytest.raises(OnnxlmError, match="per_channel needs format qdq, symmetric and 4 bits"):
+        make_pass({"pass": "quant_weight_only", "per_channel": True})
 
 
 def test_qdq_artifacts_are_static_report_their_ppl_and_run(qdq_artifacts):
@@ -226,9 +256,15 @@ def test_qdq_artifacts_are_static_report_their_ppl_and_run(qdq_artifacts):
     int4_types = quantized_types(int4.directory / "prefill.onnx")
     assert int4_types["activations"] == set() and int4_types["weights"] == {onnx.TensorProto.INT4}
     assert ("block_size", 32) in int4_types["attributes"]
+    assert head_weight_producer(int4.directory / "prefill.onnx") == "Transpose"  # the float embedding, tied
+    per_channel = qdq_artifacts["static-int4-per-channel"]
+    assert 0 < per_channel.manifest["passes"][1]["check"]["weight_rel_error"] < 0.2
+    channel_types = quantized_types(per_channel.directory / "prefill.onnx")
+    assert channel_types["weights"] == {onnx.TensorProto.INT4} and ("axis", 1) in channel_types["attributes"]
+    assert {("block_size", 64), ("block_size", 128)} >= {a for a in channel_types["attributes"] if a[0] == "block_size"}
     sampled = Decoding("sample", SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, seed=5))
     prompt = text_ids(qnn, 40)
-    for art in (qnn, int4):  # the static pair decodes as the dynamic QDQ graph it was specialized from does
+    for art in (qnn, int4, per_channel):  # the static pair decodes as the dynamic QDQ graph it was specialized from does
         got = list(art.generate_ids(prompt, 32, ignore_eos=True, decoding=sampled))
         want = list(generate_with(Plain(art.session), prompt, 32, sampler=Sampler(sampled.sampling)))
         assert got == want
@@ -240,27 +276,46 @@ import json, sys
 import onnxlm
 from onnxlm.runtime.decoding import Decoding
 art = onnxlm.load(sys.argv[1], ep="openvino")
-print(json.dumps(list(art.generate_ids(json.loads(sys.argv[2]), 64, ignore_eos=True, decoding=Decoding()))))
+assert art.session.backend.name == "openvino", art.session.backend.name
+print(json.dumps(list(art.generate_ids(json.loads(sys.argv[2]), int(sys.argv[3]), ignore_eos=True,
+                                       decoding=Decoding()))))
 """
+needs_openvino = pytest.mark.skipif(
+    not HAS_OPENVINO and not OPENVINO_PYTHON,
+    reason="no OpenVINOExecutionProvider: onnxruntime-openvino replaces the onnxruntime module, so it lives in its "
+           "own environment (README: OpenVINO install; .ci/run builds it); set ONNXLM_OPENVINO_PYTHON to its python")
 
 
-@pytest.mark.skipif(not HAS_OPENVINO and not OPENVINO_PYTHON,
-                    reason="no OpenVINOExecutionProvider: onnxruntime-openvino replaces the onnxruntime module, so it "
-                           "lives in its own environment; set ONNXLM_OPENVINO_PYTHON to that environment's python")
-@pytest.mark.parametrize("recipe", ["static", "static-qdq", "static-int4"])
-def test_openvino_cpu_runs_the_static_pair_with_the_cpu_eps_tokens(static_artifact, qdq_artifacts, recipe):
+@pytest.fixture(scope="session")
+def openvino_greedy(tmp_path_factory):
+    """(artifact directory, prompt ids, n) -> n greedy tokens on the OpenVINO EP (device CPU), run by the python that
+    has it: this process's, or ONNXLM_OPENVINO_PYTHON's in a subprocess that imports this very onnxlm (a link to
+    it on PYTHONPATH; a checkout's directory need not be named onnxlm) with that environment's onnxruntime."""
     import subprocess
     import sys
 
+    python = sys.executable if HAS_OPENVINO else OPENVINO_PYTHON
+    path = tmp_path_factory.mktemp("openvino-path")
+    (path / "onnxlm").symlink_to(Path(onnxlm.__file__).resolve().parent)
+    env = {**os.environ, "PYTHONPATH": str(path)}
+
+    def run(directory, prompt, n):
+        result = subprocess.run([python, "-c", OPENVINO_RUN, str(directory), json.dumps(prompt), str(n)], env=env,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    return run
+
+
+@needs_openvino
+@pytest.mark.parametrize("recipe", ["static", "static-qdq", "static-int4", "static-int4-per-channel"])
+def test_openvino_cpu_runs_the_static_pair_with_the_cpu_eps_tokens(static_artifact, qdq_artifacts, openvino_greedy,
+                                                                   recipe):
     art = static_artifact if recipe == "static" else qdq_artifacts[recipe]
     prompt = text_ids(art, 40)
     want = list(art.generate_ids(prompt, 64, ignore_eos=True, decoding=Decoding()))
-    python = sys.executable if HAS_OPENVINO else OPENVINO_PYTHON
-    env = {**os.environ, "PYTHONPATH": str(Path(onnxlm.__file__).parent.parent)}  # this onnxlm, that onnxruntime
-    result = subprocess.run([python, "-c", OPENVINO_RUN, str(art.directory), json.dumps(prompt)], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == want
+    assert openvino_greedy(art.directory, prompt, 64) == want
 
 
 @pytest.fixture(scope="session")
@@ -287,6 +342,14 @@ def test_smollm2_static_pair_equals_the_dynamic_fp32_artifact(smollm2_static, sm
     prompt = smollm2_static.prompt_ids("Write a short story about a lighthouse keeper.")
     got = list(smollm2_static.generate_ids(prompt, 64, ignore_eos=True, decoding=Decoding()))
     assert got == list(smollm2_artifact.generate_ids(prompt, 64, ignore_eos=True, decoding=Decoding()))
+
+
+@needs_openvino
+@pytest.mark.integration
+def test_smollm2_static_on_openvino_cpu_gives_the_cpu_eps_greedy_tokens(smollm2_static, openvino_greedy):
+    prompt = smollm2_static.prompt_ids("Write a short story about a lighthouse keeper.")
+    want = list(smollm2_static.generate_ids(prompt, 64, ignore_eos=True, decoding=Decoding()))
+    assert openvino_greedy(smollm2_static.directory, prompt, 64) == want
 
 
 def test_an_openvino_device_it_does_not_see_is_one_line(monkeypatch, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -205,3 +207,14 @@ def test_a_k_quant_mix_is_imported_exactly_run_by_run(tiny_kquant_gguf, tmp_path
     fp32 = onnxlm.optimize(str(tiny_kquant_gguf), recipe="fp32", output=tmp_path / "fp32")
     text = "The quick brown fox jumps over the lazy dog. " * 20
     assert exact.perplexity(text=text)["ppl"] == pytest.approx(fp32.perplexity(text=text)["ppl"], rel=1e-4)
+
+
+def test_gptq_on_the_portable_graph_imports_the_contrib_domain(tiny_hf_dir, tmp_path):
+    """ORT's GPTQ path writes com.microsoft.MatMulNBits without importing that domain; on a plain graph (which has
+    no contrib op before) the pass adds the import, so the graph passes its check and runs."""
+    recipe = tmp_path / "gptq-plain.json"
+    recipe.write_text(json.dumps({"name": "gptq-plain", "passes": [
+        {"pass": "cleanup"}, {"pass": "quant_weight_only", "method": "gptq", "block_size": 32, "lm_head": False}]}))
+    art = onnxlm.optimize(str(tiny_hf_dir), recipe=str(recipe), output=tmp_path / "out")
+    assert art.manifest["passes"][1]["matched"]["matmul_nbits"] > 0
+    assert len(list(art.generate_ids([5, 6, 7], 8, ignore_eos=True))) == 8

@@ -96,7 +96,8 @@ PORTABLE = {
     "static-qdq": [{"pass": "cleanup"}, {"pass": "quant_qdq", "activations": "uint16", "weights": "uint8",
                                          "per_channel": True}, STATIC],
     "static-int4": [{"pass": "cleanup"}, {"pass": "quant_weight_only", "bits": 4, "block_size": 128,
-                                          "symmetric": True, "accuracy_level": 0, "format": "qdq"}, STATIC],
+                                          "symmetric": True, "accuracy_level": 0, "format": "qdq",
+                                          "lm_head": False}, STATIC],
 }
 
 

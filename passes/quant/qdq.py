@@ -66,14 +66,17 @@ def dequantized(node) -> np.ndarray:
 
 def qdq_pairs(graph, originals: dict[str, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
     """(original, dequantized) per MatMul (by output name, as in `originals`) whose weight is now a constant
-    DequantizeLinear."""
+    DequantizeLinear, or its transpose."""
     pairs = []
     for node in graph:
         if node.op_type != "MatMul" or node.outputs[0].name not in originals or node.inputs[1] is None:
             continue
-        dq = node.inputs[1].producer()
+        dq, transposed = node.inputs[1].producer(), False
+        if dq is not None and dq.op_type == "Transpose" and list(dq.attributes.get_ints("perm", [])) == [1, 0]:
+            dq, transposed = dq.inputs[0].producer(), True  # per-channel int4: DequantizeLinear [N, K] -> Transpose
         if dq is not None and dq.op_type == "DequantizeLinear" and dq.inputs[0].const_value is not None:
-            pairs.append((originals[node.outputs[0].name], dequantized(dq)))
+            weight = dequantized(dq)
+            pairs.append((originals[node.outputs[0].name], weight.T if transposed else weight))
     return pairs
 
 

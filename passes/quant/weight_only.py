@@ -6,9 +6,12 @@ Uses ONNX Runtime's own quantizer (onnxruntime.quantization.matmul_nbits_quantiz
   activations of the calibration text (4 bits only in ORT).
 Input: any decoder graph whose linears are MatMul with constant weights (lowered or plain). The tied LM head is
 untied first (the embedding Gather keeps the float table) unless lm_head=false, which keeps the head in float.
-Guarantees: each linear becomes one MatMulNBits with the chosen bits/block/symmetry/accuracy_level, and each
-mixture of experts' com.microsoft.MoE a QMoE with symmetric weights of the same bits (moe_experts.py); nothing
-else changes (the routers stay float: they export as Gemm). Lossy: the manager reports the PPL cost; the pass reports the weight error and the sizes.
+Guarantees: each linear becomes one MatMulNBits with the chosen bits/block/symmetry/accuracy_level (format "qdq":
+a constant int4 DequantizeLinear, blocked along K, or per output channel with per_channel, feeding the MatMul),
+and with format "nbits" each mixture of experts' com.microsoft.MoE a QMoE with symmetric weights of the same bits
+(moe_experts.py); nothing else changes (the routers stay float: they export as Gemm). A qdq block must divide every
+linear's input width (OpenVINO refuses a partial block; checked before the export). Lossy: the manager reports the
+PPL cost; the pass reports the weight error and the sizes.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class WeightOnlyOptions:
     calibration_samples: int = 8  # gptq: windows of calibration_window tokens from the calibration text
     calibration_window: int = 128
     format: str = "nbits"  # nbits: com.microsoft.MatMulNBits; qdq: a blocked DequantizeLinear + MatMul (NPU EPs)
+    per_channel: bool = False  # qdq, symmetric: one scale per output channel (block_size unused), ORT's Intel NPU form
 
 
 class CalibrationReader:
@@ -139,6 +143,8 @@ class QuantWeightOnly(Pass):
         if o.format not in ("nbits", "qdq") or (o.format == "qdq" and o.method != "rtn"):
             raise OnnxlmError(f"quant_weight_only: format must be nbits, or qdq with method rtn; got {o.format!r} "
                               f"with {o.method}")
+        if o.per_channel and (o.format != "qdq" or not o.symmetric or o.bits != 4):
+            raise OnnxlmError("quant_weight_only: per_channel needs format qdq, symmetric and 4 bits")
 
     def check_fits(self, info) -> None:
         # A block wider than every layer only pads rows with zeros (K is padded to a multiple of the block).
@@ -147,6 +153,17 @@ class QuantWeightOnly(Pass):
         if self.options.block_size > widest:
             raise OnnxlmError(f"quant_weight_only: block_size {self.options.block_size} is wider than the model's "
                               f"layers (at most {width} wide): use at most {widest}")
+        if self.options.format == "qdq" and not self.options.per_channel:
+            # ONNX allows a partial last block along K; OpenVINO's DequantizeLinear refuses one (SmolLM2's 576)
+            block = self.options.block_size
+            widths = sorted({w for w in (info.hidden_size, info.intermediate_size, info.num_heads * info.head_dim)
+                             if w and w % block})
+            if widths:
+                fits = [b for b in range(4, block.bit_length() - 1) if all(w % (1 << b) == 0 for w in widths)]
+                use = (f"--block-size {1 << max(fits)}, or " if fits else "") + "the pass's per_channel option"
+                raise OnnxlmError(f"quant_weight_only: block_size {block} does not divide the linears' input width "
+                                  f"{', '.join(map(str, widths))}, and OpenVINO refuses a partial DequantizeLinear "
+                                  f"block: use {use}")
 
     def run(self, model, ctx: PassContext):
         import onnx_ir as ir
@@ -182,6 +199,8 @@ class QuantWeightOnly(Pass):
 
             raise_opset(model)  # blocked 4-bit DequantizeLinear is standard from opset 21
             config.quant_format = QuantFormat.QDQ
+            # per channel, ORT writes the codes as [N, K] with one scale per row, then a Transpose (its Intel NPU form)
+            config.channel_wised_quantize = o.per_channel
         others = [n.name for n in model.graph if n.name not in set(names)]  # ORT would take every MatMul
         proto = ir.to_proto(model)
         if o.method == "gptq":
@@ -195,6 +214,9 @@ class QuantWeightOnly(Pass):
         quantizer.process()
         inputs = list(model.graph.inputs)
         replace_graph(model, ir.from_proto(quantizer.model.model))
+        if any(n.domain == "com.microsoft" for n in model.graph):  # ORT's GPTQ path does not import the domain
+            model.opset_imports.setdefault("com.microsoft", 1)
+            model.graph.opset_imports.setdefault("com.microsoft", 1)
         present = {v.name for v in model.graph.inputs}
         for index, value in enumerate(inputs):  # restore the interface (inputs hidden from GPTQ, in their order)
             if value.name not in present:
