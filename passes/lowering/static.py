@@ -156,10 +156,35 @@ def specialize(model_path: Path, shape: StaticShape, seq: int, info):
         new.name = name
         new.shape = ir.Shape([1, kv, seq, hd])
         graph.outputs[i] = new
+    drop_nan_guards(graph)
     onnxscript.optimizer.optimize(model)
     common.RemoveUnusedNodesPass()(model)
     common.TopologicalSortPass()(model)
     return model
+
+
+def drop_nan_guards(graph) -> int:
+    """Where(IsNaN(p), 0, p) on a Softmax's p -> p: the export's guard for an attention row whose every key is
+    masked (a left-padded batch row). The static runtime's mask always leaves a row its real tokens (a padded
+    chunk's padding comes last, and causality lets it see the real tokens before it), so the guard never fires;
+    and OpenVINO's EP does not take IsNaN: with it, each layer's guard ran on the CPU EP between 31 OpenVINO
+    subgraphs. The pair's check against the dynamic graph (which keeps the guard) covers the removal."""
+    import onnx_ir as ir
+
+    removed = 0
+    for node in list(graph):
+        if node.op_type != "Where" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 3:
+            continue
+        condition, fill, probs = node.inputs
+        isnan = condition.producer() if condition is not None else None
+        softmax = probs.producer() if probs is not None else None
+        zero = ir.convenience.get_const_tensor(fill) if fill is not None else None
+        if (isnan is None or isnan.op_type != "IsNaN" or isnan.inputs[0] is not probs or softmax is None
+                or softmax.op_type != "Softmax" or zero is None or np.any(zero.numpy() != 0)):
+            continue
+        ir.convenience.replace_all_uses_with(node.outputs[0], probs)
+        removed += 1
+    return removed
 
 
 def write_pair(model_path: Path, shape: StaticShape, info) -> dict[str, Path]:
