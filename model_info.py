@@ -45,6 +45,12 @@ class ModelInfo:
         return max(self.layer_windows, default=0)
 
     @property
+    def moe(self) -> dict | None:
+        """The family's mixture of experts (experts, top_k, normalize, shared_expert, per-layer sparse flags, the
+        transformers module names), or None for dense MLPs."""
+        return self.family.get("moe")
+
+    @property
     def plain_rope(self) -> bool:
         """Whether every layer's keys carry rotate-half RoPE with inv_freq = rope_theta^(-2i/head_dim) over the whole
         head: what moving keys by a rotation (runtime/kv_policy.rotate_keys) assumes."""

@@ -81,8 +81,7 @@ def export_decoder(model, info: ModelInfo):
     input_names, output_names = io_names(info.num_layers)
     # The exporter logs a warning per torchvision op it cannot register; we export no vision ops.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    family = info.family or {}
-    with warnings.catch_warnings(), torch.no_grad(), sparse_blocks_as_moe_ops(model, family):
+    with warnings.catch_warnings(), torch.no_grad(), sparse_blocks_as_moe_ops(model, info.family):
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
@@ -94,7 +93,7 @@ def export_decoder(model, info: ModelInfo):
                 input_names=input_names,
                 output_names=output_names,
                 dynamic_shapes=dynamic_shapes,
-                custom_translation_table=onnx_translations() if family.get("moe") else None,
+                custom_translation_table=onnx_translations() if info.moe else None,
                 verbose=False,
             )
         except Exception as exc:

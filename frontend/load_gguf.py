@@ -117,14 +117,19 @@ MOE_KEYS = {"expert_feed_forward_length": "moe_intermediate_size",
 
 
 def config_from_gguf(path: Path, meta: dict):
-    """transformers' config for the file, with the expert keys it leaves out read from the header."""
+    """transformers' config for the file, with the expert keys it leaves out read from the header; None (the
+    loader's own config) when the header has none of them, which spares a second parse of the file (4.5 s for
+    SmolLM2's)."""
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     arch = meta["general.architecture"]
-    for key, field in MOE_KEYS.items():
-        if f"{arch}.{key}" in meta and hasattr(config, field):
-            setattr(config, field, type(getattr(config, field))(meta[f"{arch}.{key}"]))
+    found = {field: meta[f"{arch}.{key}"] for key, field in MOE_KEYS.items() if f"{arch}.{key}" in meta}
+    if not found:
+        return None
+    config = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    for field, value in found.items():
+        if hasattr(config, field):
+            setattr(config, field, type(getattr(config, field))(value))
     return config
 
 

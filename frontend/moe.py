@@ -19,18 +19,15 @@ experts, so the graph costs what the loop does. A family whose experts are not S
 """
 
 import contextlib
+import functools
 
 from onnxlm.errors import OnnxlmError
 
-_OP = None  # torch.ops.onnxlm.moe, registered on first use (torch is a frontend-only import)
 
-
+@functools.cache
 def _moe_op():
-    """The custom torch op the rewritten blocks call: eager math (the reference), a fake for tracing, and its ONNX
-    translation."""
-    global _OP
-    if _OP is not None:
-        return _OP
+    """The custom torch op the rewritten blocks call (torch.ops.onnxlm.moe, registered once, on first use: torch is
+    a frontend-only import): eager math (the reference) and a fake for tracing."""
     import torch
 
     @torch.library.custom_op("onnxlm::moe", mutates_args=())
@@ -53,7 +50,6 @@ def _moe_op():
     def _(x, router_logits, fc1, fc2, top_k, normalize):
         return torch.empty_like(x)
 
-    _OP = moe
     return moe
 
 

@@ -55,7 +55,7 @@ class Decoder:
 def refuse_experts(info, pass_name: str) -> None:
     """La RoSA rotates and sparsifies dense MLPs (gate/up/down linears on one normed input); a mixture of experts'
     MoE node holds its experts' weights inside one op, which neither pass rewrites."""
-    if (info.family or {}).get("moe"):
+    if info.moe:
         raise OnnxlmError(f"{pass_name}: La RoSA rewrites dense MLPs, and this {info.architecture} model's MLPs are "
                           "mixtures of experts")
 

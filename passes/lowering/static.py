@@ -63,7 +63,7 @@ class StaticKV(Pass):
         if info.sliding_window:
             raise OnnxlmError("static_kv: models with sliding-window layers are not supported yet (the static "
                               "cache's slots are not positions)")
-        if (info.family or {}).get("moe"):
+        if info.moe:
             raise OnnxlmError(f"static_kv: this {info.architecture} model's mixture-of-experts blocks export as "
                               "com.microsoft::MoE, which NPU execution providers do not run; static artifacts of "
                               "MoE models are not supported yet")

@@ -19,6 +19,7 @@ import numpy as np
 from onnxlm.errors import OnnxlmError
 from onnxlm.passes.base import FLOAT_WEIGHTS, FOLDED, Pass, PassContext
 from onnxlm.passes.quant.linears import drop_unused, initializer_bytes, is_lm_head, linear_weight, linears, untie_lm_head
+from onnxlm.passes.quant.moe_experts import moe_nodes
 
 KEEPABLE = ("lm_head", "down_proj", "o_proj")
 
@@ -97,6 +98,6 @@ class QuantDynamicInt8(Pass):
         drop_unused(model)
         done = sum(1 for n in model.graph if n.op_type == "MatMulInteger")
         weight_report(ctx, int8_pairs(model.graph, originals), model.graph, size_before)
-        experts = sum(1 for n in model.graph if n.op_type == "MoE")
+        experts = moe_nodes(model.graph)
         notes = [f"{experts} mixture-of-experts nodes left in float: ORT has no dynamic int8 MoE"] if experts else []
         return done > 0, {"matmul_integer": done, "kept_float": len(linears(model.graph))}, notes

@@ -43,6 +43,7 @@ from onnxlm.passes.quant.linears import (
     replace_linear,
     untie_lm_head,
 )
+from onnxlm.passes.quant.moe_experts import moe_nodes
 
 
 MEASURE = -1  # accuracy_level: choose 0 or 4 by measurement on this machine (choose_accuracy_level)
@@ -170,7 +171,7 @@ class GgufExact(Pass):
                             "offsets_centred": centred})
         notes = [f"{len(skipped)} linears have no exact GGUF blocks and stay float: {', '.join(skipped[:4])}"
                  ] if skipped else []
-        experts = sum(1 for n in graph if n.op_type == "MoE")
+        experts = moe_nodes(graph)
         ctx.metrics["moe_not_imported"] = experts
         if experts:  # a MoE node holds every expert's weights in one tensor, which QMoE's layout cannot take exactly
             notes.append(f"{experts} mixture-of-experts nodes are not imported from their blocks: a later "

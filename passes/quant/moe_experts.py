@@ -16,6 +16,11 @@ from onnxlm.passes.constants import add_initializer
 MSFT = "com.microsoft"
 
 
+def moe_nodes(graph) -> int:
+    """How many com.microsoft.MoE nodes (float experts) the graph holds."""
+    return sum(1 for n in graph if n.op_type == "MoE" and n.domain == MSFT)
+
+
 def _quantize(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(codes as QMoE stores them, scales, the dequantized weight) of w [experts, rows, K]."""
     experts, rows, k = w.shape

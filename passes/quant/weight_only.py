@@ -22,7 +22,6 @@ import numpy as np
 
 from onnxlm.errors import OnnxlmError
 from onnxlm.passes.base import FLOAT_WEIGHTS, FOLDED, Pass, PassContext
-from onnxlm.passes.quant.moe_experts import quantize_experts
 from onnxlm.passes.quant.linears import (
     dequantized_matmul_nbits,
     drop_unused,
@@ -32,6 +31,7 @@ from onnxlm.passes.quant.linears import (
     linears,
     untie_lm_head,
 )
+from onnxlm.passes.quant.moe_experts import moe_nodes, quantize_experts
 
 
 MAX_BLOCK = 1 << 16  # far above any layer width; the model's own bound is in check_fits
@@ -233,7 +233,7 @@ class QuantWeightOnly(Pass):
         weight_report(ctx, pairs + experts, model.graph, size_before)
         notes = [] if done == len(targets) else [f"{len(targets) - done} of {len(targets)} linears left in float"]
         notes += expert_notes
-        moe = sum(1 for n in model.graph if n.op_type in ("MoE", "QMoE"))
+        moe = moe_nodes(model.graph)
         if moe and o.format == "qdq":
             notes.append(f"{moe} mixture-of-experts nodes left in float: the QDQ form has no MoE op")
         elif experts and not o.symmetric:
