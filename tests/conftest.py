@@ -96,7 +96,8 @@ def random_blocks(qtype: str, rows: int, cols: int, rng) -> "np.ndarray":
         d = fp16_at(0, uniform(2e-3, 6e-3) * 16 / levels)
         fp16_at(2, -d[:, 0] * (levels - 1) / 2)
     else:
-        fp16_at(0, uniform(2e-4, 6e-4) if qtype == "Q8_0" else uniform(2e-3, 6e-3) * (16 if qtype == "Q4_0" else 8) / 16)
+        fp16_at(0, uniform(2e-4, 6e-4) if qtype == "Q8_0" else
+                uniform(2e-3, 6e-3) * (16 if qtype == "Q4_0" else 8) / 16)
     return raw.reshape(rows, -1)
 
 
@@ -132,9 +133,10 @@ def write_tiny_gguf(hf: Path, path: Path, quantized: bool = False, kquants: bool
                     arch: str = "llama") -> Path:
     """A tiny checkpoint as a GGUF file the way llama.cpp's converter lays one out (gguf-py's tensor names, the
     header keys transformers' GGUF loader reads, a gpt2 tokenizer with the smollm pre-tokenizer, or for Gemma the
-    same pieces as a SentencePiece vocabulary, tied embeddings, Gemma's norms stored as 1 + w): F32 tensors, or with `quantized` SmolLM2's layout (Q4_1 linears, a Q8_0
-    embedding, F32 norms), or with `kquants` KQUANT_LAYOUT's random blocks (hidden and intermediate sizes must be
-    multiples of 256). A small GGUF source for the loaders, the GGUF-exact pass and the fuzz suite."""
+    same pieces as a SentencePiece vocabulary, tied embeddings, Gemma's norms stored as 1 + w, experts stacked):
+    F32 tensors, or with `quantized` SmolLM2's layout (Q4_1 linears and experts, a Q8_0 embedding, F32 norms), or
+    with `kquants` KQUANT_LAYOUT's random blocks (hidden and intermediate sizes must be multiples of 256). A small
+    GGUF source for the loaders, the GGUF-exact pass and the fuzz suite."""
     import gguf
     import numpy as np
     from safetensors.numpy import load_file
@@ -303,7 +305,8 @@ def pytest_sessionfinish(session):
 
     rows = ["| variant | model_type | " + " | ".join(ARCH_COLUMNS) + " |", "|" + "---|" * (len(ARCH_COLUMNS) + 2)]
     for variant, cells in families.RESULTS.items():
-        row = [variant, VARIANTS[variant][0], *(cells.get(c, "-" if c == "GGUF" else "not run").replace("|", "/") for c in ARCH_COLUMNS)]
+        row = [variant, VARIANTS[variant][0],
+               *(cells.get(c, "-" if c == "GGUF" else "not run").replace("|", "/") for c in ARCH_COLUMNS)]
         rows.append("| " + " | ".join(row) + " |")
     text = Path(target).read_text() if Path(target).exists() else ""
     head = text.split("<!-- table -->")[0] if "<!-- table -->" in text else text

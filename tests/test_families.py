@@ -352,10 +352,12 @@ def one_node_model(node, weights=None):
     import onnx_ir as ir
 
     w1, w2 = weights or (node.inputs[2].const_value.numpy(), node.inputs[4].const_value.numpy())
-    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["n", w1.shape[2]]))
-    router = ir.Value(name="router", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["n", w1.shape[0]]))
-    fc1 = ir.Value(name="fc1", const_value=ir.tensor(w1), type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(w1.shape))
-    fc2 = ir.Value(name="fc2", const_value=ir.tensor(w2), type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(w2.shape))
+    def value(name, shape, array=None):
+        return ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(shape),
+                        const_value=None if array is None else ir.tensor(array))
+
+    x, router = value("x", ["n", w1.shape[2]]), value("router", ["n", w1.shape[0]])
+    fc1, fc2 = value("fc1", w1.shape, w1), value("fc2", w2.shape, w2)
     copy = ir.Node("com.microsoft", "MoE", [x, router, fc1, None, fc2], attributes=list(node.attributes.values()),
                    name="moe", num_outputs=1)
     copy.outputs[0].name = "y"

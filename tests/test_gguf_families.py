@@ -13,10 +13,10 @@ from test_families import RESULTS, record
 import onnxlm
 
 # variant (tests/tiny_families.py), GGUF architecture, shape: transformers' qwen3 GGUF loader does not read the
-# head size (it keeps Qwen3's 128, as every Qwen3 has)
+# head size (it keeps Qwen3's 128, as every Qwen3 has); GGUF's qwen3moe has no dense layers (no mlp_only_layers)
 GGUF_FAMILIES = [("llama", "llama", {}), ("qwen2-untied", "qwen2", {}),
                  ("qwen3", "qwen3", {"head_dim": 128}), ("phi3", "phi3", {}), ("gemma2-softcap", "gemma2", {}),
-                 ("gemma3-text", "gemma3", {}), ("qwen3-moe-normed", "qwen3moe", {"mlp_only_layers": []})]  # GGUF's qwen3moe: every layer sparse
+                 ("gemma3-text", "gemma3", {}), ("qwen3-moe-normed", "qwen3moe", {"mlp_only_layers": []})]
 
 
 def note(variant: str, text: str) -> None:
