@@ -2,7 +2,9 @@
 
 After every pass: the onnx checker and an ONNX Runtime session must accept the graph, and the logits on a fixed
 probe input are computed. A lossless pass must keep them within atol + rtol * max|logit| of the graph before it,
-or the pipeline stops with an error and nothing is written. A lossy pass reports its cost instead: the PPL on
+or the pipeline stops with an error and nothing is written (on a graph whose MatMulNBits round their activations
+to int8, a pass that misses the bound is checked again with float activations on both sides, and the report
+keeps both numbers). A lossy pass reports its cost instead: the PPL on
 the calibration text before and after it, plus what the pass measured itself (weight error, sizes).
 """
 
@@ -53,6 +55,23 @@ def check_graph(model, ctx: PassContext, text_ids: list[int] | None = None) -> t
         raise OnnxlmError(f"the graph fails its check: {first_line(exc)}") from None
 
 
+def int8_activations(model) -> bool:
+    """Whether some MatMulNBits quantizes its activations to int8 per block (accuracy_level > 0)."""
+    return any(n.op_type == "MatMulNBits" and n.attributes.get_int("accuracy_level", 0) for n in model.graph)
+
+
+def float_activation_logits(model, ctx: PassContext) -> np.ndarray:
+    """The probe logits of a copy of `model` whose MatMulNBits keep float activations (accuracy_level 0): the
+    same weights, without the per-block int8 rounding of the activations."""
+    import onnx_ir as ir
+
+    copy = model.clone()
+    for node in copy.graph:
+        if node.op_type == "MatMulNBits":
+            node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", 0)
+    return check_graph(copy, ctx)[0]
+
+
 def run_pipeline(
     model, recipe: Recipe, ctx: PassContext, on_pass: Callable[[str], None] | None = None,
     after_pass: Callable[[int, list[PassReport]], None] | None = None,
@@ -70,6 +89,7 @@ def run_pipeline(
         if on_pass:
             on_pass(p.name)
         nodes_before = len(model.graph)
+        before = model.clone() if p.lossless and int8_activations(model) else None
         ctx.metrics = {}
         start = time.perf_counter()
         modified, matched, notes = p.run(model, ctx)
@@ -85,6 +105,15 @@ def run_pipeline(
         else:
             bound = p.atol + p.rtol * float(np.abs(reference).max())
             check = {"max_abs_logit_diff": diff, "tolerance": bound, **ctx.metrics}  # and what the pass checked
+            if not diff <= bound and before is not None:
+                # int8 activations round per block: a last-bit change upstream (another attention kernel path)
+                # flips a rounding and moves the logits by a quantization step. The pass is checked on the same
+                # weights with float activations instead; both numbers are recorded.
+                exact_before = float_activation_logits(before, ctx)
+                diff = float(np.abs(float_activation_logits(model, ctx) - exact_before).max())
+                bound = p.atol + p.rtol * float(np.abs(exact_before).max())
+                check = {**check, "max_abs_logit_diff": diff, "tolerance": bound,
+                         "int8_activation_diff": check["max_abs_logit_diff"]}
             if not diff <= bound:
                 raise OnnxlmError(
                     f"pass '{p.name}' should be lossless but moved the logits by {diff:.3g} (> {bound:.3g})"

@@ -218,3 +218,63 @@ def test_gptq_on_the_portable_graph_imports_the_contrib_domain(tiny_hf_dir, tmp_
     art = onnxlm.optimize(str(tiny_hf_dir), recipe=str(recipe), output=tmp_path / "out")
     assert art.manifest["passes"][1]["matched"]["matmul_nbits"] > 0
     assert len(list(art.generate_ids([5, 6, 7], 8, ignore_eos=True))) == 8
+
+
+class _SetAccuracyLevel:
+    """A pass (duck-typed for run_pipeline) setting every MatMulNBits' accuracy_level; `lossless` as given."""
+
+    def __init__(self, level: int, lossless: bool = True):
+        self.name, self.level, self.lossless, self.atol, self.rtol = f"accuracy_level_{level}", level, lossless, \
+            1e-4, 1e-5
+
+    def run(self, model, ctx):
+        import onnx_ir as ir
+
+        for node in model.graph:
+            if node.op_type == "MatMulNBits":
+                node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", self.level)
+        return True, {}, []
+
+    def ports(self, info):
+        return []
+
+    def features(self):
+        return []
+
+    def to_dict(self):
+        return {"pass": self.name}
+
+
+def test_a_lossless_check_on_int8_activations_is_repeated_on_float_ones(tiny_artifacts, tmp_path):
+    """int8 activations round per block, so a change in the last bit upstream can move the logits by a rounding
+    step: a lossless pass that misses the bound on such a graph is checked again with float activations on both
+    sides (both numbers reported). Here the pass turns the int8 activations off, which moves the graph's own
+    logits by the int8 error but leaves the weights' product exact; a pass that changes a weight still fails."""
+    import onnx_ir as ir
+
+    from onnxlm.passes.manager import run_pipeline
+    from onnxlm.passes.recipe import Recipe
+
+    art = tiny_artifacts("int4-rtn")
+    ctx = PassContext(info=art.info, source={}, scratch=tmp_path)
+
+    def graph():
+        model = ir.load(art.directory / "model.onnx")
+        ir.external_data.load_to_model(model)
+        assert any(n.op_type == "MatMulNBits" and n.attributes.get_int("accuracy_level", 0) == 4 for n in model.graph)
+        return model
+
+    [report] = run_pipeline(graph(), Recipe("t", "", [_SetAccuracyLevel(0)]), ctx)
+    check = report.check
+    assert check["int8_activation_diff"] > check["tolerance"] >= check["max_abs_logit_diff"]
+
+    class Nudge(_SetAccuracyLevel):
+        def run(self, model, ctx):
+            from onnxlm.passes.constants import add_initializer
+
+            node = next(n for n in model.graph if n.op_type == "MatMulNBits")
+            node.replace_input_with(2, add_initializer(model.graph, "nudged", node.inputs[2].const_value.numpy() * 1.1))
+            return True, {}, []
+
+    with pytest.raises(OnnxlmError, match="should be lossless but moved the logits"):
+        run_pipeline(graph(), Recipe("t", "", [Nudge(4)]), ctx)
