@@ -175,7 +175,7 @@ def exit_segments(graph, info) -> dict:
 
     if not has_exit(graph):
         return {}
-    return {f"{EXITS_DIR}/{name}.onnx": model for name, model in split_at_exit(graph, info.hidden_size).items()}
+    return {f"{EXITS_DIR}/{name}.onnx": model for name, model in split_at_exit(graph, info).items()}
 
 
 CALIBRATION_TEXT = Path(__file__).parent / "passes" / "data" / "calibration.txt"

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
+
 
 def shares_kv_buffer(op_histogram: dict[str, int], num_layers: int = 1) -> bool:
     """Whether one buffer can be both past and present: GroupQueryAttention reads lengths from position_ids,
@@ -50,16 +52,22 @@ class ModelInfo:
         transformers module names), or None for dense MLPs."""
         return self.family.get("moe")
 
-    @property
-    def plain_rope(self) -> bool:
-        """Whether every layer's keys carry rotate-half RoPE with inv_freq = rope_theta^(-2i/head_dim) over the whole
-        head: what moving keys by a rotation (runtime/kv_policy.rotate_keys) assumes."""
+    def key_frequencies(self, layer: int) -> list[float] | None:
+        """The inverse frequencies RoPE rotates layer `layer`'s keys by, rotate-half over their first 2 * len
+        dims (what moving cached keys, runtime/kv_policy.rotate_keys, needs): [] for a layer without RoPE; None
+        where the artifact records none (written before they were) and its RoPE is not llama's plain one."""
         rope = self.family.get("rope")
-        if not rope:
-            return True  # written before families were described: llama's
-        local = rope.get("local_theta") and rope["local_theta"] != rope["theta"] and any(self.layer_windows)
-        return (rope.get("type") == "default" and rope.get("rotary_dim") == self.head_dim
-                and all(rope.get("layers", [True])) and not local)
+        if not rope:  # written before families were described: llama's
+            return _plain_frequencies(self.rope_theta, self.head_dim)
+        if not rope.get("layers", [True] * self.num_layers)[layer]:
+            return []
+        local = bool(rope.get("local_theta")) and bool((self.layer_windows or [0] * self.num_layers)[layer])
+        recorded = rope.get("local_inv_freq" if local else "inv_freq")
+        if recorded:
+            return list(recorded)
+        theta = rope["local_theta"] if local else rope["theta"]
+        plain = rope.get("type") == "default" and rope.get("rotary_dim") == self.head_dim and theta == rope["theta"]
+        return _plain_frequencies(theta, self.head_dim) if plain else None
 
     def without_layers(self, drop: list[int]) -> ModelInfo:
         """These facts for the model without the layers `drop`: the per-layer lists keep the other layers'."""
@@ -109,3 +117,8 @@ class ModelInfo:
             layer_windows=windows if any(windows) else [],
             family=describe(family, config),
         )
+
+
+def _plain_frequencies(theta: float, head_dim: int) -> list[float]:
+    """Llama's RoPE over the whole head: theta^(-2i / head_dim)."""
+    return list(theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))

@@ -145,14 +145,15 @@ def _kind(value: Any) -> str:
 
 # The decoder facts every artifact and the runtime share (model_info.ModelInfo).
 # ModelInfo.family: the family's description (frontend/families/base.py describe), read by the lowering's plan and
-# the runtime (plain_rope, genai's model type); every key optional, as in artifacts written before it.
+# the runtime (key_frequencies, genai's model type); every key optional, as in artifacts written before it.
 FAMILY = {
     "family": Opt(str), "norm": Opt(str), "block_norms": Opt([str]), "qk_norm": Opt(str), "qkv_bias": Opt(bool),
     "activation": Opt(str), "embedding_scale": Opt(float), "attention_scale": Opt(float),
     "residual_multiplier": Opt(float), "logits_divisor": Opt(float), "attention_softcap": Opt(float),
     "final_softcap": Opt(float), "tied_head": Opt(bool), "genai_type": Opt(str),
     "rope": Opt({"theta": Opt(float), "local_theta": Opt(float), "type": Opt(str), "factor": Opt(float),
-                 "rotary_dim": Opt(NonNegative), "layers": Opt([bool])}),
+                 "rotary_dim": Opt(NonNegative), "layers": Opt([bool]), "inv_freq": Opt([float]),
+                 "local_inv_freq": Opt([float])}),
 }
 
 MODEL_INFO = {

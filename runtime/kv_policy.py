@@ -3,7 +3,8 @@
 - full: no eviction (the cache holds every token; capacity = prompt + new tokens).
 - sinks-window (StreamingLLM, arXiv 2309.17453): the first `sinks` tokens and the most recent ones. Positions are
   cache-relative, as in StreamingLLM: keys are stored after rotary, so when `drop` middle tokens leave, the kept
-  window's keys are rotated back by `drop` positions (RoPE is a rotation: R(p - d) = R(-d) R(p)) and a new token's
+  window's keys are rotated back by `drop` positions (RoPE is a rotation: R(p - d) = R(-d) R(p); each layer by
+  the frequencies ModelInfo.key_frequencies gives, so scaled, partial and per-layer RoPE move too) and a new token's
   position is its slot. The model never sees a position past the budget, so generation runs past the context
   length. Eviction frees `evict_every` slots at once (one shift of the window per that many tokens).
 - h2o (Heavy-Hitter Oracle, arXiv 2306.14048): per layer and KV head, keep the recent half of the budget and,
@@ -86,10 +87,10 @@ class Policy:
         """Record what the step that wrote the last `n` slots saw (scored policies)."""
 
     def check_positions(self, model) -> None:
-        if self.config.relative and not self.info.plain_rope:
-            raise OnnxlmError(f"--kv-policy {self.config.name} moves keys by rotating them with plain RoPE, and this "
-                              f"{self.info.architecture} model's RoPE is not plain (scaled, partial, per-layer or "
-                              "absent on some layers): use h2o or veda on a `--kv-scores` artifact")
+        if self.config.relative and any(self.info.key_frequencies(l) is None for l in range(self.info.num_layers)):
+            raise OnnxlmError(f"--kv-policy {self.config.name} moves keys by rotating them, and this artifact does not "
+                              f"record its {self.info.architecture} model's RoPE frequencies (it was built before "
+                              "they were): rebuild it, or use h2o or veda on a `--kv-scores` artifact")
         if not self.config.relative and not model.interface.has("kv_positions"):
             raise OnnxlmError(f"--kv-policy {self.config.name} keeps original positions: it needs an artifact "
                               "built with `onnxlm optimize ... --kv-scores`")
@@ -126,7 +127,7 @@ class SinksWindow(Policy):
             for i, a in enumerate(arrays):  # (batch, kv_heads, capacity, head_dim); keys at even indices
                 a[:, :, sinks : end - drop] = a[:, :, sinks + drop : end]  # numpy copies overlapping slices safely
                 if i % 2 == 0 and self.config.relative:
-                    rotate_keys(a[:, :, sinks : end - drop], -drop, self.info)
+                    rotate_keys(a[:, :, sinks : end - drop], -drop, self.info, i // 2)
         cache.length -= drop
         if not self.config.relative:
             cache.offset += drop
@@ -238,13 +239,16 @@ class Voting(_Scored):
         self.scores[layer, :, :end] += votes.sum(axis=1)
 
 
-def rotate_keys(keys: np.ndarray, delta: int, info: ModelInfo) -> None:
-    """Move keys stored after (rotate-half) RoPE by `delta` positions, in place: k <- R(delta) k.
+def rotate_keys(keys: np.ndarray, delta: int, info: ModelInfo, layer: int = 0) -> None:
+    """Move layer `layer`'s keys, stored after its (rotate-half) RoPE, by `delta` positions, in place:
+    k <- R(delta) k, with the frequencies the model's description records (scaled, partial, per-layer, or none).
 
     keys: (..., head_dim)."""
-    half = info.head_dim // 2
-    inv_freq = info.rope_theta ** (-np.arange(half, dtype=np.float64) * 2 / info.head_dim)  # (half,)
+    inv_freq = np.asarray(info.key_frequencies(layer), np.float64)  # (rotary_dim / 2,)
+    half = len(inv_freq)
+    if not half:  # a layer without RoPE (NoPE): its keys carry no position
+        return
     cos, sin = np.cos(delta * inv_freq).astype(np.float32), np.sin(delta * inv_freq).astype(np.float32)
-    first, second = keys[..., :half].copy(), keys[..., half:].copy()
+    first, second = keys[..., :half].copy(), keys[..., half : 2 * half].copy()
     keys[..., :half] = first * cos - second * sin
-    keys[..., half:] = second * cos + first * sin
+    keys[..., half : 2 * half] = second * cos + first * sin

@@ -311,3 +311,33 @@ def pytest_sessionfinish(session):
     text = Path(target).read_text() if Path(target).exists() else ""
     head = text.split("<!-- table -->")[0] if "<!-- table -->" in text else text
     Path(target).write_text(head.rstrip("\n") + "\n\n<!-- table -->\n" + "\n".join(rows) + "\n")
+
+
+@pytest.fixture(scope="session")
+def family_builds(tmp_path_factory):
+    """(variant, recipe) -> artifact, each built once; variant -> its checkpoint and its transformers model."""
+    import transformers
+
+    import onnxlm
+
+    checkpoints, models, artifacts = {}, {}, {}
+
+    def checkpoint(variant):
+        if variant not in checkpoints:
+            checkpoints[variant] = write_tiny_llama(tmp_path_factory.mktemp(variant) / "hf", variant=variant)
+        return checkpoints[variant]
+
+    def model(variant):
+        if variant not in models:
+            models[variant] = transformers.AutoModelForCausalLM.from_pretrained(
+                checkpoint(variant), attn_implementation="eager").eval()
+        return models[variant]
+
+    def artifact(variant, recipe, **options):
+        key = (variant, recipe, json.dumps(options, sort_keys=True))
+        if key not in artifacts:
+            out = tmp_path_factory.mktemp(f"{variant}-{recipe}") / "art"
+            artifacts[key] = onnxlm.optimize(str(checkpoint(variant)), recipe=recipe, output=out, **options)
+        return artifacts[key]
+
+    return checkpoint, model, artifact

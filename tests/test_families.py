@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import write_tiny_llama
 from reference import torch_greedy
 from tiny_families import VARIANTS
 
@@ -23,36 +22,6 @@ RESULTS: dict[str, dict[str, str]] = {}  # variant -> column -> cell, for docs/a
 
 def record(variant: str, column: str, cell: str) -> None:
     RESULTS.setdefault(variant, {})[column] = cell
-
-
-@pytest.fixture(scope="session")
-def family_builds(tmp_path_factory):
-    """(variant, recipe) -> artifact, each built once; variant -> its checkpoint and its transformers model."""
-    import transformers
-
-    import onnxlm
-
-    checkpoints, models, artifacts = {}, {}, {}
-
-    def checkpoint(variant):
-        if variant not in checkpoints:
-            checkpoints[variant] = write_tiny_llama(tmp_path_factory.mktemp(variant) / "hf", variant=variant)
-        return checkpoints[variant]
-
-    def model(variant):
-        if variant not in models:
-            models[variant] = transformers.AutoModelForCausalLM.from_pretrained(
-                checkpoint(variant), attn_implementation="eager").eval()
-        return models[variant]
-
-    def artifact(variant, recipe, **options):
-        key = (variant, recipe, *sorted(options.items()))
-        if key not in artifacts:
-            out = tmp_path_factory.mktemp(f"{variant}-{recipe}") / "art"
-            artifacts[key] = onnxlm.optimize(str(checkpoint(variant)), recipe=recipe, output=out, **options)
-        return artifacts[key]
-
-    return checkpoint, model, artifact
 
 
 def prompt(n: int = PREFILL + DECODE) -> list[int]:
@@ -224,18 +193,22 @@ def test_gemma2_soft_capping_bites(family_builds):
     assert (reference - uncapped_logits).abs().max() > 1e-2
 
 
-def test_sinks_window_refuses_rope_it_cannot_rotate(family_builds):
-    """StreamingLLM moves keys by rotating them with plain RoPE; llama3-scaled frequencies would be rotated
-    wrongly, so the policy is refused in one line."""
+def test_sinks_window_refuses_an_artifact_without_its_rope_frequencies(family_builds):
+    """StreamingLLM moves keys by rotating them with the frequencies the description records
+    (test_decoder_structure.py checks them against the graph); a llama3-scaled artifact written before they were
+    recorded cannot be moved rightly, so the policy is refused in one line."""
+    import dataclasses
+
     from onnxlm.errors import OnnxlmError
-    from onnxlm.runtime.kv_policy import KVPolicyConfig
+    from onnxlm.runtime.kv_policy import KVPolicyConfig, make_policy
 
     _, _, artifact = family_builds
     art = artifact("llama3-rope", "fp32")
-    assert not art.info.plain_rope and artifact("llama", "fp32").info.plain_rope
-    with pytest.raises(OnnxlmError, match="RoPE is not plain"):
-        list(art.generate_ids(prompt(PREFILL), max_new_tokens=4, ignore_eos=True,
-                              decoding=Decoding(kv_policy=KVPolicyConfig("sinks-window", budget=40))))
+    rope = {k: v for k, v in art.info.family["rope"].items() if k != "inv_freq"}
+    older = dataclasses.replace(art.info, family={**art.info.family, "rope": rope})
+    assert art.info.key_frequencies(0) == art.info.family["rope"]["inv_freq"] and older.key_frequencies(0) is None
+    with pytest.raises(OnnxlmError, match="does not record its llama model's RoPE frequencies"):
+        make_policy(KVPolicyConfig("sinks-window", budget=40), older).check_positions(art.session)
 
 
 def test_artifacts_without_a_description_read_as_llama():
@@ -248,7 +221,8 @@ def test_artifacts_without_a_description_read_as_llama():
     plan = lowering_plan(info)
     assert {name: p["count"] for name, p in plan.items()} == {"fuse_skip_rms_norm": 60, "fuse_rotary": 60,
                                                               "fuse_gqa": 30}
-    assert not any(p["unfused"] for p in plan.values()) and info.plain_rope and info.sliding_window == 0
+    assert not any(p["unfused"] for p in plan.values()) and info.sliding_window == 0
+    assert info.key_frequencies(0) == pytest.approx([100000.0 ** (-i / 32) for i in range(32)])
     assert shares_kv_buffer({"com.microsoft::GroupQueryAttention": 30}, 30)
     assert not shares_kv_buffer({"com.microsoft::GroupQueryAttention": 29}, 30)
     assert not shares_kv_buffer({}, 30)

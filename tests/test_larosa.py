@@ -16,7 +16,7 @@ from onnxlm.passes.constants import add_initializer
 from onnxlm.passes.evaluate import feeds_for, open_session, session_perplexity
 from onnxlm.passes.larosa.recipe import with_sparsity
 from onnxlm.passes.larosa.sparsify import SWITCH, TopkSparsify, keep_count
-from onnxlm.passes.larosa.structure import find_decoder
+from onnxlm.passes.decoder_structure import find_decoder
 from onnxlm.passes.manager import run_pipeline
 from onnxlm.passes.recipe import Recipe, load_recipe
 from onnxlm.passes.registry import make_pass
@@ -35,7 +35,7 @@ def tiny(tiny_artifacts):
     graphs = {}
     for recipe, art in arts.items():
         model = ir.load(art.directory / "model.onnx")
-        decoder = find_decoder(model.graph, LAYERS)
+        decoder = find_decoder(model.graph, art.info)
         rng = np.random.default_rng(len(graphs))
         for i, norm in enumerate([b.norm for b in decoder.blocks] + [decoder.final_norm]):
             gamma = rng.uniform(0.5, 1.5, art.info.hidden_size).astype(np.float32)
@@ -117,7 +117,7 @@ def test_rotation_is_lossless(recipe, rotated, tiny, scratch):
     ours = logits_of(session_of(model, scratch, f"rot-{recipe}"), tiny.info, ids)
     np.testing.assert_allclose(ours, before, atol=1e-4)
     graph = model.graph
-    decoder = find_decoder(graph, LAYERS)
+    decoder = find_decoder(graph, tiny.info)
     assert decoder.fused == (recipe == "fp32")
     assert sum(b.adapter is not None for b in decoder.blocks) == LAYERS - 1
     for norm in [b.norm for b in decoder.blocks] + [decoder.final_norm]:  # every gamma folded out
@@ -126,7 +126,7 @@ def test_rotation_is_lossless(recipe, rotated, tiny, scratch):
     head = decoder.head.inputs[1]
     assert head.const_value is not None and head is not table  # untied
     # The stream really is rotated: the embedding rows are no longer the model's.
-    original = find_decoder(tiny.graphs[recipe].graph, LAYERS).embedding.inputs[0].const_value.numpy()
+    original = find_decoder(tiny.graphs[recipe].graph, tiny.info).embedding.inputs[0].const_value.numpy()
     assert not np.allclose(table.const_value.numpy(), original, atol=1e-3)
 
 

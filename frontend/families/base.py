@@ -154,14 +154,33 @@ def rope_of(family: Family, config: Any, head_dim: int) -> dict:
         with_rope = [bool(x) for x in config.no_rope_layers]
     else:
         with_rope = [True] * layers
+    local_theta = float(_field(config, family.local_rope_theta, 0.0) or 0.0)
     return {
         "theta": float(getattr(config, "rope_theta", 10000.0)),
-        "local_theta": float(_field(config, family.local_rope_theta, 0.0) or 0.0),
+        "local_theta": local_theta,
         "type": kind,
         "factor": float(scaling.get("factor", 1.0)),
         "rotary_dim": int(head_dim * partial),
         "layers": with_rope,
+        # What the exported graph rotates by (transformers' own RoPE init for this type): the runtime moves
+        # cached keys with them (runtime/kv_policy.rotate_keys), whatever the scaling.
+        "inv_freq": inverse_frequencies(config, kind),
+        **({"local_inv_freq": inverse_frequencies(config, "default", local_theta)} if local_theta else {}),
     }
+
+
+def inverse_frequencies(config: Any, kind: str, theta: float = 0.0) -> list[float]:
+    """RoPE's rotary_dim / 2 inverse frequencies for this config, as transformers computes them (float32), with
+    the base `theta` in place of rope_theta where given (Gemma 3's sliding layers: default RoPE on their base)."""
+    import copy
+
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if theta:
+        config = copy.copy(config)
+        config.rope_theta, config.rope_scaling = theta, {"rope_type": "default"}
+    inv_freq, _ = ROPE_INIT_FUNCTIONS[kind](config, None)
+    return [float(f) for f in inv_freq.tolist()]
 
 
 def attention_implementation(family: Family, config: Any) -> str | None:

@@ -2,5 +2,6 @@
 
 `rotate_residual` (lossless) puts layer l's residual stream in the eigenbasis Q_l of its calibration second
 moment; `topk_sparsify` (lossy) keeps the largest entries per token of the rotated block inputs in decode.
-`structure.py` finds the sub-blocks in the plain and the fused graph; `calibrate.py` computes Q_l.
+The sub-blocks come from the decoder-structure analysis (passes/decoder_structure.py); `calibrate.py`
+computes Q_l.
 """

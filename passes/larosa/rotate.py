@@ -10,8 +10,12 @@ so layer l+1 starts from (r + mlp(r)) Q_{l+1} with one d x d GEMV per boundary. 
 edge and Q_{l+1} into W_down (rather than on the sum) keeps the fused SkipSimplifiedLayerNormalization whole:
 its sum and its normalized output are both in the next layer's basis.
 
-Input: a float llama-style decoder, the plain export (`fp32-plain`) or the fused graph (`fp32`: Skip/
-SimplifiedLayerNormalization, packed QKV and gate/up, GroupQueryAttention). Needs calibration text.
+Input: a float decoder of a pre-norm family (every block opens with an RMSNorm and has no post-norm: llama,
+mistral, qwen2/3, phi3, gemma, granite, smollm3; a post-norm's gamma multiplies the block's output, where no linear
+can take it), dense MLPs, the plain export (`fp32-plain`) or the fused graph (`fp32`: Skip/
+SimplifiedLayerNormalization, packed QKV and gate/up, GroupQueryAttention); the sub-blocks come from the
+decoder-structure analysis (passes/decoder_structure.py). A constant scale on the embedding or on a block's output
+(Gemma, Granite) commutes with the rotation. Needs calibration text.
 Guarantees: the same logits (the manager checks them against the graph before); every norm's gamma is 1 (or
 gone); the block inputs of layer l are RMSNorm(r) Q_l, ready for `topk_sparsify`.
 """
@@ -25,8 +29,8 @@ import numpy as np
 from onnxlm.errors import OnnxlmError
 from onnxlm.passes.base import FLOAT_WEIGHTS, FOLDED, PLAIN, UNSLICED_HEAD, Pass, PassContext
 from onnxlm.passes.constants import add_initializer
+from onnxlm.passes.decoder_structure import Decoder, Norm, constant_matmul_weight, find_decoder
 from onnxlm.passes.larosa.calibrate import rotation, second_moments
-from onnxlm.passes.larosa.structure import Decoder, Norm, constant_matmul_weight, find_decoder, refuse_experts
 
 
 @dataclasses.dataclass
@@ -48,20 +52,20 @@ class RotateResidual(Pass):
             raise OnnxlmError("rotate_residual needs damping > 0")
 
     def check_fits(self, info) -> None:
-        refuse_experts(info, self.name)
+        refuse_unrotatable(info, self.name)
 
     def run(self, model, ctx: PassContext):
         import onnx_ir.passes.common as common
 
         graph = model.graph
         layers = ctx.info.num_layers
-        decoder = find_decoder(graph, layers)
+        decoder = float_decoder(graph, ctx.info)
         if any(b.adapter is not None for b in decoder.blocks):
             raise OnnxlmError("rotate_residual: the graph is already rotated")
         # 1. gamma into the readers of each norm (lossless alone); the block inputs become RMSNorm(r).
         gammas = [fold_gamma(graph, b.norm) for b in decoder.blocks]
         gamma_final = fold_gamma(graph, decoder.final_norm)
-        decoder = find_decoder(graph, layers)
+        decoder = float_decoder(graph, ctx.info)
         # 2. Q_l: eigenbasis of the second moment of the attention input as the paper takes it, after the norm
         # with gamma (x = RMSNorm(r) * gamma, so H = diag(gamma) H_normed diag(gamma)). On SmolLM2 this measured
         # better than the moment of RMSNorm(r) itself (the vector top-k sees): PPL 25.0 against 25.7 at s=0.25.
@@ -79,6 +83,41 @@ class RotateResidual(Pass):
             f"residual stream rotated per layer ({form} graph), lm_head untied",
             f"Q_l from {count} calibration tokens; the top half of the eigenvectors holds "
             f"{min(energy):.1%}..{max(energy):.1%} of the attention inputs' energy"]
+
+
+def refuse_experts(info, pass_name: str) -> None:
+    """La RoSA rotates and sparsifies dense MLPs (gate/up/down linears on one normed input); a mixture of experts'
+    MoE node holds its experts' weights inside one op, which neither pass rewrites."""
+    if info.moe:
+        raise OnnxlmError(f"{pass_name}: La RoSA rewrites dense MLPs, and this {info.architecture} model's MLPs are "
+                          "mixtures of experts")
+
+
+def refuse_unrotatable(info, pass_name: str) -> None:
+    """The rotation folds each norm's gamma into the linears that read it; a post-norm's gamma scales the block's
+    output on its way into the residual stream, which no linear reads, so it cannot commute with Q_l."""
+    refuse_experts(info, pass_name)
+    norms = (info.family or {}).get("block_norms", [])
+    post = [n for n in norms if n.startswith("post_")]
+    if post:
+        raise OnnxlmError(f"{pass_name}: La RoSA rotates pre-norm blocks, and this {info.architecture} model's blocks "
+                          f"have {', '.join(post)} norms, whose gamma no linear can take")
+
+
+def float_decoder(graph, info) -> Decoder:
+    """The decoder, checked for what the rotation rewrites: each block's input read only by float MatMuls with
+    constant weights, and its output written by one."""
+    decoder = find_decoder(graph, info)
+    for b in decoder.blocks:
+        where = f"layer {b.layer} {b.kind}"
+        if not b.linears or any(constant_matmul_weight(n) is None for n in b.linears):
+            raise OnnxlmError(f"the {where} norm output must feed only float MatMuls with constant weights: "
+                              "La RoSA passes run on fp32 graphs, before quantization")
+        if constant_matmul_weight(b.out) is None:
+            raise OnnxlmError(f"{where}: the residual addition does not add a MatMul's output")
+    if constant_matmul_weight(decoder.head) is None:
+        raise OnnxlmError("the final norm must feed one float LM head MatMul")
+    return decoder
 
 
 def rotate_weights(graph, decoder: Decoder, gammas: list, gamma_final: np.ndarray, rotations: list) -> None:

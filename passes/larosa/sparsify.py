@@ -29,7 +29,8 @@ from onnxlm.errors import OnnxlmError
 from onnxlm.interface import Port
 from onnxlm.passes.base import FLOAT_WEIGHTS, FOLDED, UNSLICED_HEAD, Pass, PassContext
 from onnxlm.passes.constants import add_initializer, add_overridable_input
-from onnxlm.passes.larosa.structure import constant_matmul_weight, find_decoder, refuse_experts
+from onnxlm.passes.decoder_structure import constant_matmul_weight
+from onnxlm.passes.larosa.rotate import float_decoder, refuse_experts
 
 SWITCH = "sparsify_all_positions"
 ROTATED_SHARE, PLAIN_SHARE = 0.8, 1.2  # of s: the rotated block inputs / the o_proj and down_proj inputs
@@ -68,7 +69,7 @@ class TopkSparsify(Pass):
         graph = model.graph
         if any(v.name == SWITCH for v in graph.inputs):
             raise OnnxlmError("topk_sparsify: the graph is already sparsified")
-        decoder = find_decoder(graph, ctx.info.num_layers)
+        decoder = float_decoder(graph, ctx.info)
         s = self.options.sparsity
         apply = sparse_condition(graph)
         keep = {}  # MatMul node -> share of its input entries kept

@@ -25,7 +25,7 @@ from onnxlm.artifact import EXIT_HIDDEN as HIDDEN
 from onnxlm.errors import OnnxlmError
 from onnxlm.passes.base import FUSED, Pass, PassContext
 from onnxlm.passes.constants import add_initializer
-from onnxlm.passes.layers.residual import fused_residual_chain
+from onnxlm.passes.decoder_structure import SKIP_NORM, find_decoder
 
 
 @dataclasses.dataclass
@@ -47,10 +47,8 @@ class EarlyExit(Pass):
         graph, k = model.graph, self.options.layer
         if not 1 <= k < ctx.info.num_layers:
             raise OnnxlmError(f"early_exit layer must be in 1..{ctx.info.num_layers - 1}, got {k}")
-        chain = fused_residual_chain(graph)
-        if len(chain) != 2 * ctx.info.num_layers:
-            raise OnnxlmError("early_exit needs the lowered graph (SkipSimplifiedLayerNormalization per block)")
-        after, before = chain[2 * k].inputs[1], chain[2 * k - 2].inputs[1]  # r_k, r_{k-1}
+        decoder = find_decoder(graph, ctx.info)
+        after, before = decoder.attn(k).stream_in, decoder.attn(k - 1).stream_in  # r entering layers k and k-1
         axis = add_initializer(graph, "early_exit.axis", np.array([-1], np.int64))
         nodes = [ir.node("Sub", [after, before])]
         nodes.append(ir.node("ReduceL2", [nodes[-1].outputs[0], axis], attributes={"keepdims": 0}))
@@ -72,19 +70,18 @@ def has_exit(model) -> bool:
     return any(v.name == HIDDEN for v in model.graph.outputs)
 
 
-def split_at_exit(model, hidden_size: int) -> dict:
+def split_at_exit(model, info) -> dict:
     """{"lower", "upper", "head"} -> onnx_ir.Model, cut from a graph with the early_exit outputs."""
-    k = exit_layer(model.graph)
-    return {"lower": _lower(model.clone(), k), "upper": _upper(model.clone(), k, hidden_size),
-            "head": _head(model.clone(), hidden_size)}
+    k = exit_layer(model.graph, info)
+    return {"lower": _lower(model.clone(), k), "upper": _upper(model.clone(), info, k),
+            "head": _head(model.clone(), info)}
 
 
-def exit_layer(graph) -> int:
+def exit_layer(graph, info) -> int:
     """k such that exit_hidden is the stream entering layer k."""
     hidden = next(v for v in graph.outputs if v.name == HIDDEN)
-    stream = hidden.producer().inputs[0]
-    chain = fused_residual_chain(graph)
-    return next(i // 2 for i, node in enumerate(chain) if i % 2 == 0 and node.inputs[1] is stream)
+    stream = find_decoder(graph, info).stream
+    return stream.index(hidden.producer().inputs[0]) // 2
 
 
 def _keep_outputs(model, keep) -> None:
@@ -116,34 +113,36 @@ def _hidden_input(model, hidden_size):
     return value
 
 
-def _normalize(graph, skip_norm, hidden):
-    """SimplifiedLayerNormalization of `hidden` with the gamma and epsilon of a SkipSimplifiedLayerNormalization,
-    standing in for that node's normalized output."""
+def _enter_at(model, info, j: int):
+    """Make the graph start from a `hidden` input at stream value r_j (r_{2L}: the final norm's input). The join
+    that wrote r_j goes: an Add's output becomes `hidden`; a SkipSimplifiedLayerNormalization's sum becomes
+    `hidden` and its normalized output a SimplifiedLayerNormalization of `hidden` with its gamma and epsilon."""
     import onnx_ir as ir
 
-    epsilon = skip_norm.attributes["epsilon"].value if "epsilon" in skip_norm.attributes else 1e-5
-    node = ir.node("SimplifiedLayerNormalization", [hidden, skip_norm.inputs[2]],
-                   attributes={"axis": -1, "epsilon": epsilon, "stash_type": 1})
-    graph.append(node)
-    skip_norm.outputs[0].replace_all_uses_with(node.outputs[0])
-
-
-def _upper(model, k: int, hidden_size: int):
     graph = model.graph
-    boundary = fused_residual_chain(graph)[2 * k - 1]  # adds layer k-1's MLP output, normalizes for layer k
-    hidden = _hidden_input(model, hidden_size)
-    _normalize(graph, boundary, hidden)
-    boundary.outputs[3].replace_all_uses_with(hidden)
+    join = find_decoder(graph, info).blocks[j - 1].join
+    hidden = _hidden_input(model, info.hidden_size)
+    if join.op_type == SKIP_NORM:
+        epsilon = join.attributes["epsilon"].value if "epsilon" in join.attributes else 1e-5
+        node = ir.node("SimplifiedLayerNormalization", [hidden, join.inputs[2]],
+                       attributes={"axis": -1, "epsilon": epsilon, "stash_type": 1})
+        graph.append(node)
+        join.outputs[0].replace_all_uses_with(node.outputs[0])
+        if len(join.outputs) > 3:
+            join.outputs[3].replace_all_uses_with(hidden)
+    else:
+        join.outputs[0].replace_all_uses_with(hidden)
+
+
+def _upper(model, info, k: int):
+    _enter_at(model, info, 2 * k)  # after layer k-1's MLP output is added
     _keep_outputs(model, lambda n: n == "logits" or (n.startswith("present.") and _kv_layer(n) >= k))
-    graph.sort()
+    model.graph.sort()
     return model
 
 
-def _head(model, hidden_size: int):
-    graph = model.graph
-    final = fused_residual_chain(graph)[-1]  # the last MLP's addition and the final norm
-    hidden = _hidden_input(model, hidden_size)
-    _normalize(graph, final, hidden)
+def _head(model, info):
+    _enter_at(model, info, 2 * info.num_layers)  # the last MLP's addition, before the final norm
     _keep_outputs(model, lambda n: n == "logits")
-    graph.sort()
+    model.graph.sort()
     return model

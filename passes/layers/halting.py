@@ -1,6 +1,7 @@
 """QuickSilver dynamic token halting with KV skipping (Khanna et al., arXiv 2506.22396), as in-graph masking.
 
-Input: a lowered graph (SkipSimplifiedLayerNormalization residual chain, one GroupQueryAttention per layer).
+Input: a lowered graph (one GroupQueryAttention per layer), of any family: the residual stream and its joins come
+from the decoder-structure analysis (passes/decoder_structure.py).
 The pass adds:
 - input `halt_threshold` (float scalar; 0 = never halt);
 - input `past_halted` (batch, layers, past) bool: which cached tokens skipped which layers;
@@ -29,7 +30,7 @@ from onnxlm.errors import OnnxlmError
 from onnxlm.interface import Port
 from onnxlm.passes.base import FUSED, Pass, PassContext
 from onnxlm.passes.constants import add_initializer
-from onnxlm.passes.layers.residual import fused_residual_chain
+from onnxlm.passes.decoder_structure import find_decoder
 
 ATTENTION_BIAS = 10  # GroupQueryAttention input index (ORT 1.32 schema)
 MASKED = -1e9  # additive bias of a skipped key: exp underflows to 0, and a row never becomes all -inf
@@ -67,11 +68,11 @@ class QuickSilverHalting(Pass):
         graph, layers = model.graph, ctx.info.num_layers
         if self.options.min_layer >= layers:
             raise OnnxlmError(f"min_layer {self.options.min_layer} leaves no layer to halt in a {layers}-layer model")
-        gqas = [n for n in graph if n.op_type == "GroupQueryAttention"]
-        chain = fused_residual_chain(graph)
-        if len(gqas) != layers or len(chain) != 2 * layers:
-            raise OnnxlmError("quicksilver_halting needs the lowered graph (recipe fp32 or a quantized one): found "
-                              f"{len(gqas)} GroupQueryAttention and {len(chain)} SkipSimplifiedLayerNormalization")
+        decoder = find_decoder(graph, ctx.info)
+        gqas = [decoder.attn(layer).attention for layer in range(layers)]
+        if any(n is None for n in gqas):
+            raise OnnxlmError("quicksilver_halting needs the lowered graph (recipe fp32 or a quantized one): "
+                              f"{gqas.count(None)} of {layers} layers have no GroupQueryAttention")
         if any(len(n.inputs) > ATTENTION_BIAS and n.inputs[ATTENTION_BIAS] is not None for n in gqas):
             raise OnnxlmError("the GroupQueryAttention nodes already have an attention bias")
         b = _Builder(graph)
@@ -89,16 +90,17 @@ class QuickSilverHalting(Pass):
                           b.op("Shape", positions, start=1, end=2), b.const("one", np.array([1], np.int64)), axis=0)
         per_layer = []
         for layer in range(layers):
-            attn_norm, mlp_norm = chain[2 * layer], chain[2 * layer + 1]
+            attn, mlp = decoder.attn(layer), decoder.mlp(layer)
             if layer >= self.options.min_layer:  # halt before this layer if the previous one barely moved r
-                after, before = attn_norm.inputs[1], chain[2 * layer - 2].inputs[1]  # r entering l and l-1
+                after, before = attn.stream_in, decoder.attn(layer - 1).stream_in  # r entering l and l-1
                 drift = b.op("Div", b.op("ReduceL2", b.op("Sub", after, before), b.axis_last, keepdims=0),
                              b.op("ReduceL2", before, b.axis_last, keepdims=0))  # (batch, seq)
                 halted = b.op("Or", halted, b.op("And", b.op("Less", drift, threshold), movable))
             per_layer.append(halted)
             skip = b.op("Unsqueeze", halted, b.axis_last)  # (batch, seq, 1)
-            for norm in (attn_norm, mlp_norm):  # drop the layer's two updates: the residual passes through
-                norm.replace_input_with(0, b.op("Where", skip, zero, norm.inputs[0]))
+            for block in (attn, mlp):  # drop the layer's two updates: the residual passes through
+                branch = block.join.inputs[block.branch_index]
+                block.join.replace_input_with(block.branch_index, b.op("Where", skip, zero, branch))
             if not self.options.skip_kv:
                 continue
             layer_past = b.op("Squeeze", b.op("Slice", past, b.const(f"at{layer}", np.array([layer], np.int64)),

@@ -25,7 +25,8 @@ import numpy as np
 from onnxlm.errors import OnnxlmError
 from onnxlm.passes.base import FOLDED, PLAIN, Pass, PassContext
 from onnxlm.passes.constants import add_initializer
-from onnxlm.passes.layers.residual import remove_layers, residual_stream
+from onnxlm.passes.decoder_structure import find_decoder
+from onnxlm.passes.layers.residual import remove_layers
 
 METRICS = ("ppl", "bi")
 
@@ -85,7 +86,7 @@ class RemoveLayers(Pass):
                 curve.append(round(ppl, 4))
             drop.sort()
         if drop:
-            remove_layers(model, layers, drop)
+            remove_layers(model, ctx.info, drop)
             ctx.info = ctx.info.without_layers(drop)
         ctx.metrics.update({
             "removed_layers": drop, "metric": o.metric, "probe_ppl": round(base, 4),
@@ -108,7 +109,7 @@ class LayerProbe:
         self.layers, self.info, self.ids, self.interface = ctx.info.num_layers, ctx.info, ids, ctx.interface
         probe = model.clone()
         graph = probe.graph
-        stream = residual_stream(graph, self.layers)
+        stream = find_decoder(graph, ctx.info).stream
         skip = ir.Value(name="layer_skip", type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape([self.layers]))
         graph.inputs.append(skip)
         layer_in = stream[0]

@@ -5,7 +5,8 @@ CPU optimizer fuses into com.microsoft.DynamicQuantizeMatMul / MatMulIntegerToFl
 (shared/research/methods.md section 7.4). Activations are uint8 with one scale per tensor per call: for a
 decode step that is one scale for the single row, the known cause of Optimum's PPL 73 on this model.
 Input: any decoder graph. Options: per_channel weights, and `keep_float`, a comma list of the sensitive linears
-to leave in float: lm_head, down_proj (the MLP output, whose input has the largest outliers), o_proj.
+to leave in float: lm_head, down_proj (the MLP output, whose input has the largest outliers), o_proj; the roles
+come from the decoder-structure analysis (passes/decoder_structure.py), so they hold for every family.
 The attention score MatMuls have no constant weight and are never quantized (MatMulConstBOnly); rotary has no
 linear. Lossy: the manager reports the PPL cost; the pass reports weight error and sizes.
 """
@@ -18,7 +19,8 @@ import numpy as np
 
 from onnxlm.errors import OnnxlmError
 from onnxlm.passes.base import FLOAT_WEIGHTS, FOLDED, Pass, PassContext
-from onnxlm.passes.quant.linears import drop_unused, initializer_bytes, is_lm_head, linear_weight, linears, untie_lm_head
+from onnxlm.passes.decoder_structure import find_decoder
+from onnxlm.passes.quant.linears import drop_unused, initializer_bytes, linear_weight, linears, untie_lm_head
 from onnxlm.passes.quant.moe_experts import moe_nodes
 
 KEEPABLE = ("lm_head", "down_proj", "o_proj")
@@ -31,17 +33,13 @@ class DynamicInt8Options:
     reduce_range: bool = False
 
 
-def linear_role(node, hidden: int) -> str:
-    """lm_head | down_proj (K > hidden, N = hidden) | o_proj (K = N = hidden, input from attention) | other."""
-    if is_lm_head(node):
-        return "lm_head"
-    k, n = linear_weight(node).shape
-    if n == hidden and k > hidden:
-        return "down_proj"
-    producer = node.inputs[0].producer()
-    if n == hidden and k == hidden and producer is not None and "Attention" in producer.op_type:
-        return "o_proj"
-    return "other"
+def linear_roles(graph, info) -> dict:
+    """The keepable linears by role, from the decoder-structure analysis: {node: "lm_head" | "down_proj" (each
+    dense MLP's output linear) | "o_proj" (each attention's output linear)}; every other linear is "other"."""
+    decoder = find_decoder(graph, info)
+    roles = {b.out: "o_proj" if b.kind == "attn" else "down_proj" for b in decoder.blocks if b.out is not None}
+    roles[decoder.head] = "lm_head"
+    return roles
 
 
 def int8_pairs(graph, originals: dict[str, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -84,7 +82,8 @@ class QuantDynamicInt8(Pass):
         size_before = initializer_bytes(model.graph)
         if "lm_head" not in keep:
             untie_lm_head(model.graph)
-        targets = [n for n in linears(model.graph) if linear_role(n, ctx.info.hidden_size) not in keep]
+        roles = linear_roles(model.graph, ctx.info)
+        targets = [n for n in linears(model.graph) if roles.get(n, "other") not in keep]
         if not targets:
             return False, {}, ["no linear left to quantize"]
         originals = {n.inputs[1].name: linear_weight(n) for n in targets}
